@@ -1,0 +1,1 @@
+"""The participant client library and `backchannel` command. Arrives with the client issue."""

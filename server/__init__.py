@@ -1,0 +1,1 @@
+"""The relay (backchannel-relay). Arrives with the relay issue."""
