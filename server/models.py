@@ -1,0 +1,108 @@
+"""The relay's schema: only what routing needs (DESIGN.md §4, issue #3 §4.1).
+
+No column can hold a display name, room title or plaintext, because none ever
+reaches the relay: ``data`` columns hold protocol objects that are either
+signed public structures (log events, prekeys) or ciphertext. Timestamps are
+coarse (rounded down to ``TIME_GRANULARITY`` seconds).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Index, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+TIME_GRANULARITY = 60
+
+
+def coarse(ts: float) -> int:
+    return int(ts) // TIME_GRANULARITY * TIME_GRANULARITY
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Room(Base):
+    __tablename__ = "rooms"
+
+    id: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    head: Mapped[bytes] = mapped_column(LargeBinary(32))
+    log_len: Mapped[int] = mapped_column(Integer)
+    # Last sequence number handed out; the row lock on this counter is what keeps
+    # sequence numbers gap-free across relay instances.
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    retention_seconds: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(Integer)
+
+
+class LogEvent(Base):
+    __tablename__ = "log_events"
+
+    room_id: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    pos: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class RoomMessage(Base):
+    __tablename__ = "room_messages"
+    __table_args__ = (UniqueConstraint("room_id", "sender", "client_id", name="uq_room_msg_cid"),)
+
+    room_id: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sender: Mapped[bytes] = mapped_column(LargeBinary(32))
+    client_id: Mapped[bytes] = mapped_column(LargeBinary(16))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[int] = mapped_column(Integer, index=True)
+
+
+class MailboxItem(Base):
+    __tablename__ = "mailbox"
+    __table_args__ = (
+        UniqueConstraint("recipient", "sender", "client_id", name="uq_mailbox_cid"),
+        Index("ix_mailbox_recipient_id", "recipient", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    recipient: Mapped[bytes] = mapped_column(LargeBinary(32))
+    sender: Mapped[bytes] = mapped_column(LargeBinary(32))
+    room_id: Mapped[bytes] = mapped_column(LargeBinary(32), index=True)
+    client_id: Mapped[bytes] = mapped_column(LargeBinary(16))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[int] = mapped_column(Integer, index=True)
+
+
+class PreKeyRow(Base):
+    __tablename__ = "prekeys"
+
+    member: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    key_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class PreKeyMark(Base):
+    """Highest prekey id ever accepted per member and kind: a replayed upload
+    cannot bring back a one-time prekey that was already claimed."""
+
+    __tablename__ = "prekey_marks"
+
+    member: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    max_id: Mapped[int] = mapped_column(Integer)
+
+
+class CreationToken(Base):
+    """Operator-issued room-creation tokens, stored only as hashes; one use each."""
+
+    __tablename__ = "creation_tokens"
+
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    created_at: Mapped[int] = mapped_column(Integer)
+
+
+class SchemaInfo(Base):
+    __tablename__ = "schema_info"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
