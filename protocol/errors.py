@@ -92,6 +92,12 @@ class StaleSenderKey(ProtocolError):
     code = "stale_sender_key"
 
 
+class UnknownSenderKey(ProtocolError):
+    """A room message under a sender key (room, owner, generation) we do not hold."""
+
+    code = "unknown_sender_key"
+
+
 # --- room log -------------------------------------------------------------------
 
 

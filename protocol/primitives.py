@@ -70,6 +70,24 @@ def ed25519_sign(seed: bytes, message: bytes) -> bytes:
     return bytes(_signing.SigningKey(seed).sign(message).signature)
 
 
+def ed25519_expand(seed: bytes) -> bytes:
+    """The 64-byte libsodium secret key for ``seed``.
+
+    Signing from a seed recomputes the public key every time (a scalar
+    multiplication); a sender key that signs every room message expands once
+    and keeps the result in memory (never serialised).
+    """
+    _check_len(seed, ED25519_SEED_SIZE, "Ed25519 seed")
+    _public, secret = _sodium.crypto_sign_seed_keypair(seed)
+    return bytes(secret)
+
+
+def ed25519_sign_expanded(secret: bytes, message: bytes) -> bytes:
+    """A detached Ed25519 signature with a key from :func:`ed25519_expand`."""
+    _check_len(secret, 64, "Ed25519 expanded secret key")
+    return bytes(_sodium.crypto_sign(message, secret)[:ED25519_SIGNATURE_SIZE])
+
+
 def ed25519_verify(public: bytes, message: bytes, signature: bytes) -> None:
     """Raise :class:`BadSignature` unless ``signature`` is valid for ``message``."""
     if len(public) != ED25519_PUBLIC_SIZE or len(signature) != ED25519_SIGNATURE_SIZE:
