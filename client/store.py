@@ -1,0 +1,299 @@
+"""The client's local state: one SQLite file, every sensitive value sealed.
+
+Layout (docs/client.md, "Local state"):
+
+* ``meta``: the format version, the Argon2id salt and limits, and the *master
+  key* wrapped (XChaCha20-Poly1305) under ``Argon2id(passphrase)``. The master
+  key is random, so changing the passphrase re-wraps 32 bytes, not the file.
+* ``items``: ``(ns, k) -> v``. ``k`` is a keyed BLAKE2b of the natural key
+  (a room id, a member key, ...) under a key derived from the master key, so
+  the file does not show which rooms or members it holds; ``v`` is sealed
+  with the master key and the associated data ``ns || k``, so a value moved to
+  another row does not open.
+* ``messages``: a room's transcript, one sealed row per message, with a
+  coarse ``expires`` time in the clear so the retention purge can delete
+  without the passphrase.
+
+Every write goes through :meth:`Store.transaction`; a ratchet step and the
+message it produced are committed together (DESIGN.md §1.9). SQLite runs in
+WAL mode with ``synchronous=FULL``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+from backchannel.protocol import primitives as P
+from backchannel.protocol.encoding import Reader, decode, encode
+from backchannel.protocol.errors import DecryptionFailed, ProtocolError
+
+STORE_VERSION: Final = 1
+DB_NAME: Final = "state.db"
+_LABEL_INDEX: Final = b"bc-store-index"
+_LABEL_WRAP: Final = b"bc-store-wrap"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    ns TEXT NOT NULL, k BLOB NOT NULL, v BLOB NOT NULL, PRIMARY KEY (ns, k)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    room BLOB NOT NULL, n INTEGER NOT NULL, expires INTEGER NOT NULL, v BLOB NOT NULL,
+    PRIMARY KEY (room, n)
+);
+CREATE INDEX IF NOT EXISTS messages_expires ON messages (expires);
+"""
+
+
+class StoreError(Exception):
+    """A local-state problem the user can act on; ``str()`` is one clear line."""
+
+
+class WrongPassphrase(StoreError):
+    pass
+
+
+class NoProfile(StoreError):
+    pass
+
+
+class StoreCorrupt(StoreError):
+    pass
+
+
+class Store:
+    """An open, unlocked store. Create with :meth:`create` or :meth:`open`."""
+
+    def __init__(self, conn: sqlite3.Connection, master: bytes) -> None:
+        self._conn = conn
+        self._master = master
+        self._index_key = P.kdf(master, _LABEL_INDEX, b"", 32)
+        self._depth = 0
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    @staticmethod
+    def path(home: Path) -> Path:
+        return home / DB_NAME
+
+    @classmethod
+    def exists(cls, home: Path) -> bool:
+        return cls.path(home).exists()
+
+    @classmethod
+    def create(
+        cls,
+        home: Path,
+        passphrase: str,
+        *,
+        opslimit: int = P.ARGON2_OPSLIMIT_DEFAULT,
+        memlimit: int = P.ARGON2_MEMLIMIT_DEFAULT,
+    ) -> Store:
+        if not passphrase:
+            raise StoreError("the passphrase must not be empty")
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = cls.path(home)
+        if path.exists():
+            raise StoreError(f"a profile already exists in {home}")
+        master = P.random_bytes(32)
+        salt = P.random_bytes(P.ARGON2_SALT_SIZE)
+        kek = P.argon2id(passphrase.encode(), salt, opslimit=opslimit, memlimit=memlimit)
+        nonce = P.random_bytes(P.AEAD_NONCE_SIZE)
+        wrapped = P.aead_encrypt(kek, nonce, master, _LABEL_WRAP)
+        # Create the file private before anything is written to it.
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        conn = _connect(path)
+        header = encode(
+            {
+                "mem": memlimit,
+                "nonce": nonce,
+                "ops": opslimit,
+                "salt": salt,
+                "v": STORE_VERSION,
+                "wrapped": wrapped,
+            }
+        )
+        with conn:
+            conn.execute("INSERT INTO meta (name, value) VALUES ('header', ?)", (header,))
+        return cls(conn, master)
+
+    @classmethod
+    def open(cls, home: Path, passphrase: str) -> Store:
+        path = cls.path(home)
+        if not path.exists():
+            raise NoProfile(f"no profile in {home}")
+        conn = _connect(path)
+        row = conn.execute("SELECT value FROM meta WHERE name = 'header'").fetchone()
+        if row is None:
+            conn.close()
+            raise StoreCorrupt(f"{path} has no header; it is not a backchannel profile")
+        try:
+            r = Reader.of(decode(bytes(row[0])), "store header")
+            r.version(STORE_VERSION)
+            memlimit = r.integer("mem", P.ARGON2_MEMLIMIT_MIN)
+            nonce = r.blob("nonce", P.AEAD_NONCE_SIZE)
+            opslimit = r.integer("ops", P.ARGON2_OPSLIMIT_MIN)
+            salt = r.blob("salt", P.ARGON2_SALT_SIZE)
+            wrapped = r.blob("wrapped", 32 + P.AEAD_TAG_SIZE)
+            r.done()
+        except ProtocolError as exc:
+            conn.close()
+            raise StoreCorrupt(f"{path} has an unreadable header ({exc.code})") from exc
+        kek = P.argon2id(passphrase.encode(), salt, opslimit=opslimit, memlimit=memlimit)
+        try:
+            master = P.aead_decrypt(kek, nonce, wrapped, _LABEL_WRAP)
+        except DecryptionFailed:
+            conn.close()
+            raise WrongPassphrase("wrong passphrase") from None
+        return cls(conn, master)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # --- transactions ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All writes inside commit together or not at all; nesting joins the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        else:
+            self._conn.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    # --- sealed items ---------------------------------------------------------------------
+
+    def _k(self, ns: str, key: bytes) -> bytes:
+        return P.kdf(self._index_key, _LABEL_INDEX, encode([ns, key]), 32)
+
+    def _seal(self, ad: bytes, value: bytes) -> bytes:
+        nonce = P.random_bytes(P.AEAD_NONCE_SIZE)
+        return nonce + P.aead_encrypt(self._master, nonce, value, ad)
+
+    def _open(self, ad: bytes, sealed: bytes) -> bytes:
+        try:
+            return P.aead_decrypt(
+                self._master, sealed[: P.AEAD_NONCE_SIZE], sealed[P.AEAD_NONCE_SIZE :], ad
+            )
+        except DecryptionFailed:
+            raise StoreCorrupt("a stored value does not authenticate") from None
+
+    def put(self, ns: str, key: bytes, value: bytes) -> None:
+        k = self._k(ns, key)
+        with self.transaction():
+            self._conn.execute(
+                "INSERT OR REPLACE INTO items (ns, k, v) VALUES (?, ?, ?)",
+                (ns, k, self._seal(ns.encode() + k, value)),
+            )
+
+    def get(self, ns: str, key: bytes) -> bytes | None:
+        k = self._k(ns, key)
+        row = self._conn.execute("SELECT v FROM items WHERE ns = ? AND k = ?", (ns, k)).fetchone()
+        return None if row is None else self._open(ns.encode() + k, bytes(row[0]))
+
+    def delete(self, ns: str, key: bytes) -> None:
+        with self.transaction():
+            self._conn.execute("DELETE FROM items WHERE ns = ? AND k = ?", (ns, self._k(ns, key)))
+
+    def values(self, ns: str) -> list[bytes]:
+        """Every value in ``ns`` (values carry their own natural keys where needed)."""
+        rows = self._conn.execute("SELECT k, v FROM items WHERE ns = ?", (ns,)).fetchall()
+        return [self._open(ns.encode() + bytes(k), bytes(v)) for k, v in rows]
+
+    # --- transcripts ---------------------------------------------------------------------------
+
+    def add_message(self, room: bytes, value: bytes, expires: int) -> int:
+        room_k = self._k("messages", room)
+        with self.transaction():
+            row = self._conn.execute(
+                "SELECT COALESCE(MAX(n), -1) + 1 FROM messages WHERE room = ?", (room_k,)
+            ).fetchone()
+            n = int(row[0])
+            ad = encode(["messages", room_k, n])
+            self._conn.execute(
+                "INSERT INTO messages (room, n, expires, v) VALUES (?, ?, ?, ?)",
+                (room_k, n, expires, self._seal(ad, value)),
+            )
+        return n
+
+    def messages(self, room: bytes, *, after: int = -1) -> list[tuple[int, bytes]]:
+        room_k = self._k("messages", room)
+        rows = self._conn.execute(
+            "SELECT n, v FROM messages WHERE room = ? AND n > ? ORDER BY n", (room_k, after)
+        ).fetchall()
+        return [(n, self._open(encode(["messages", room_k, n]), bytes(v))) for n, v in rows]
+
+    def delete_messages(self, room: bytes) -> None:
+        with self.transaction():
+            self._conn.execute("DELETE FROM messages WHERE room = ?", (self._k("messages", room),))
+
+    def purge_expired(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        with self.transaction():
+            cur = self._conn.execute("DELETE FROM messages WHERE expires <= ?", (int(now),))
+        return cur.rowcount
+
+
+def purge_without_unlocking(home: Path, now: float | None = None) -> int:
+    """Delete expired transcript rows without the passphrase (retention runs even
+    when nobody unlocks the profile)."""
+    path = Store.path(home)
+    if not path.exists():
+        return 0
+    conn = _connect(path)
+    try:
+        with conn:
+            limit = int(time.time() if now is None else now)
+            cur = conn.execute("DELETE FROM messages WHERE expires <= ?", (limit,))
+        return cur.rowcount
+    finally:
+        conn.close()
+
+
+def wipe(home: Path) -> bool:
+    """Overwrite and delete the state file and its WAL side files. The
+    overwrite is best effort (SSDs and copy-on-write file systems may keep old
+    blocks); losing the wrapped master key is what makes the rest unreadable."""
+    found = False
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        path = Path(str(Store.path(home)) + suffix)
+        if path.exists():
+            found = True
+            left = path.stat().st_size
+            with open(path, "r+b") as fh:
+                while left > 0:
+                    chunk = min(left, 1 << 20)
+                    fh.write(os.urandom(chunk))
+                    left -= chunk
+                fh.flush()
+                os.fsync(fh.fileno())
+            path.unlink()
+    return found
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.executescript(_SCHEMA)
+    return conn
