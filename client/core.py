@@ -1,0 +1,1057 @@
+"""The client library: rooms, sessions, sender keys and the transcript, over one store.
+
+Async, no terminal code. Everything the client believes comes from a room log
+it validated itself (:class:`~backchannel.protocol.roomlog.RoomLog`); the
+relay's answers are hints. A room whose log or messages fail validation is
+marked *compromised* with the reason, and the client refuses to encrypt to it
+until the user looks into it (DESIGN.md §1.3).
+
+State (all sealed by :class:`~.store.Store`): one record per room (the member
+key, the validated log's events, the relay cursor, status), the outbound
+sender key, inbound sender keys, pairwise sessions, prekey privates, what
+others told us about themselves (profiles), an outbox of sends not yet
+acknowledged, and the transcript.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from backchannel.protocol import primitives as P
+from backchannel.protocol import roomlog as L
+from backchannel.protocol.encoding import Value, decode, encode
+from backchannel.protocol.envelope import RoomEnvelope, check_epoch
+from backchannel.protocol.errors import (
+    DuplicateMessage,
+    ForkDetected,
+    NotAuthorized,
+    ProtocolError,
+    StaleSenderKey,
+    UnknownSenderKey,
+)
+from backchannel.protocol.invite import InviteCode, check_relay_url
+from backchannel.protocol.keys import (
+    MemberKeyPair,
+    MemberPublicKey,
+    PreKey,
+    PreKeyBundle,
+    PreKeyKind,
+    PreKeyPrivate,
+    PreKeyUpload,
+    generate_kem_prekey,
+    generate_x25519_prekey,
+)
+from backchannel.protocol.ratchet import NewSession, PairwiseSession
+from backchannel.protocol.safety import SafetyNumber, safety_number
+from backchannel.protocol.senderkey import (
+    InboundSenderKey,
+    OutboundSenderKey,
+    SenderKeyDistribution,
+)
+
+from .relay import Frame, RelayError, RelayHttp, RelaySocket
+from .store import Store
+
+ONE_TIME_PREKEYS = 20
+KEM_PREKEYS = 5
+REPLENISH_BELOW = 5
+MAX_STASH = 1000
+MAX_SESSIONS_PER_PEER = 4
+SIGNED_PREKEY_MAX_AGE = 30 * 86_400
+
+Status = Literal["active", "removed", "left", "compromised"]
+
+
+class ClientError(Exception):
+    """Something the user asked for that cannot be done; ``str()`` is one clear line."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass
+class Room:
+    room_id: bytes
+    name: str
+    title: str
+    relay: str
+    key: MemberKeyPair
+    events: list[bytes]
+    cursor: int = 0
+    status: Status = "active"
+    problem: str | None = None
+    log: L.RoomLog = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.log = L.validate_log(self.events)
+
+    @property
+    def state(self) -> L.RoomState:
+        return self.log.state
+
+    @property
+    def me(self) -> bytes:
+        return self.key.public.sign
+
+    def to_bytes(self) -> bytes:
+        out: dict[str, Value] = {
+            "cursor": self.cursor,
+            "events": list(self.events),
+            "id": self.room_id,
+            "key": self.key.to_bytes(),
+            "name": self.name,
+            "relay": self.relay,
+            "status": self.status,
+            "title": self.title,
+        }
+        if self.problem:
+            out["problem"] = self.problem
+        return encode(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Room:
+        v = decode(data, max_size=64 << 20)
+        assert isinstance(v, dict)
+        return cls(
+            room_id=_b(v["id"]),
+            name=str(v["name"]),
+            title=str(v["title"]),
+            relay=str(v["relay"]),
+            key=MemberKeyPair.from_bytes(_b(v["key"])),
+            events=[_b(e) for e in _list(v["events"])],
+            cursor=int(_i(v["cursor"])),
+            status=str(v["status"]),  # type: ignore[arg-type]
+            problem=str(v["problem"]) if "problem" in v else None,
+        )
+
+
+@dataclass(frozen=True)
+class Line:
+    """One transcript entry as the user sees it."""
+
+    n: int
+    kind: str  # "message", "sidebar", "notice", "warning"
+    sender: bytes | None
+    text: str
+    ts: int
+    mine: bool = False
+    to: bytes | None = None
+
+
+@dataclass(frozen=True)
+class MemberView:
+    key: MemberPublicKey
+    role: str
+    name: str
+    affiliation: str | None
+    verified: bool
+    me: bool
+
+    @property
+    def fingerprint(self) -> str:
+        return self.key.fingerprint().hex()
+
+
+def _b(v: Any) -> bytes:
+    if not isinstance(v, bytes):
+        raise ValueError("expected bytes")
+    return v
+
+
+def _i(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError("expected int")
+    return v
+
+
+def _list(v: Any) -> list[Any]:
+    if not isinstance(v, list):
+        raise ValueError("expected a list")
+    return v
+
+
+class Client:
+    """One person's profile: their rooms on any number of relays."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        proxy: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.proxy = proxy
+        self.clock = clock
+        self._http: dict[str, RelayHttp] = {}
+        self.notices: list[tuple[bytes, str]] = []
+        self.on_line: Callable[[Room, Line], None] | None = None
+
+    # --- profile -------------------------------------------------------------------------
+
+    @staticmethod
+    def init_profile(store: Store, relay: str, name: str, affiliation: str | None = None) -> None:
+        if store.get("profile", b"me") is not None:
+            raise ClientError("a profile already exists here", hint="use another --home")
+        try:
+            check_relay_url(relay)
+        except ProtocolError as exc:
+            raise ClientError(f"not a usable relay URL: {exc}") from None
+        profile: dict[str, Value] = {"name": name, "relay": relay}
+        if affiliation:
+            profile["affiliation"] = affiliation
+        store.put("profile", b"me", encode(profile))
+
+    def profile(self) -> dict[str, str]:
+        data = self.store.get("profile", b"me")
+        if data is None:
+            raise ClientError(
+                "no profile yet", hint="run `backchannel init --relay URL --name NAME`"
+            )
+        value = decode(data)
+        assert isinstance(value, dict)
+        return {k: str(v) for k, v in value.items()}
+
+    async def aclose(self) -> None:
+        for http in self._http.values():
+            await http.aclose()
+        self._http.clear()
+
+    def http(self, relay: str) -> RelayHttp:
+        if relay not in self._http:
+            self._http[relay] = RelayHttp(relay, proxy=self.proxy)
+        return self._http[relay]
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    # --- rooms on disk ---------------------------------------------------------------------
+
+    def rooms(self) -> list[Room]:
+        return sorted((Room.from_bytes(v) for v in self.store.values("room")), key=lambda r: r.name)
+
+    def room(self, query: str) -> Room:
+        """A room by local name, title or unique id prefix."""
+        rooms = self.rooms()
+        for test in (
+            lambda r: r.name == query,
+            lambda r: r.title == query,
+            lambda r: len(query) >= 4 and r.room_id.hex().startswith(query.lower()),
+        ):
+            found = [r for r in rooms if test(r)]
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise ClientError(f"{query!r} matches several rooms", hint="use the local name")
+        raise ClientError(f"no room {query!r}", hint="`backchannel rooms` lists yours")
+
+    def _save(self, room: Room) -> None:
+        self.store.put("room", room.room_id, room.to_bytes())
+
+    def _local_name(self, title: str) -> str:
+        base = "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")[:24] or "room"
+        taken = {r.name for r in self.rooms()}
+        name, n = base, 2
+        while name in taken:
+            name, n = f"{base}-{n}", n + 1
+        return name
+
+    # --- create, invite, join --------------------------------------------------------------
+
+    async def create_room(self, title: str, rules: L.Rules, *, token: str | None = None) -> Room:
+        relay = self.profile()["relay"]
+        key = MemberKeyPair.generate()
+        event = L.make_create(key, rules, self.now())
+        await self.http(relay).create_room(event, token)
+        room = Room(
+            room_id=L.event_hash(event),
+            name=self._local_name(title),
+            title=title,
+            relay=relay,
+            key=key,
+            events=[event],
+        )
+        with self.store.transaction():
+            self._save(room)
+            self._new_sender_key(room, since=0)
+        await self._upload_prekeys(room, fresh=True)
+        return room
+
+    async def invite(self, room: Room, role: L.Role, expires: int, uses: int) -> str:
+        await self.sync_log(room)
+        self._require_usable(room)
+        if room.state.role_of(room.me) != "facilitator":
+            raise ClientError("only a facilitator can invite")
+        event, seed = L.make_invite(
+            room.key, room.state, role, self.now() + expires, uses, self.now()
+        )
+        await self._append(room, event)
+        return InviteCode.for_room(room.relay, room.state, seed).to_text()
+
+    async def preview(self, code_text: str) -> tuple[InviteCode, L.RoomLog, L.Invite]:
+        """Fetch and validate the room an invite code names, before joining."""
+        try:
+            code = InviteCode.from_text(code_text)
+        except ProtocolError as exc:
+            raise ClientError(f"this is not a valid invite code: {exc}") from None
+        try:
+            events = await self.http(code.relay_url).preview(code.room_id, code.invite_seed)
+        except RelayError as exc:
+            if exc.code in ("invalid_invite", "not_found", "unknown_invite"):
+                raise ClientError(
+                    "the invite is expired, used up or unknown", hint="ask for a new one"
+                ) from None
+            raise
+        try:
+            log = L.validate_log(events)
+            invite = code.check_state(log.state)
+        except ProtocolError as exc:
+            raise ClientError(f"the relay served a room that does not check out: {exc}") from None
+        if invite.uses_left <= 0 or invite.expires <= self.now():
+            raise ClientError("the invite is expired or used up", hint="ask for a new one")
+        return code, log, invite
+
+    async def join(self, code_text: str, *, accept_rules: Callable[[L.Rules], bool]) -> Room:
+        code, log, _invite = await self.preview(code_text)
+        if not accept_rules(log.state.rules):
+            raise ClientError("you did not accept the room's rules; nothing was done")
+        key = MemberKeyPair.generate()
+        event = L.make_join(key, code.invite_seed, log.state, self.now())
+        try:
+            await self.http(code.relay_url).append(code.room_id, event)
+        except RelayError as exc:
+            raise ClientError(f"the relay refused the join: {exc}") from None
+        log.append(event)
+        room = Room(
+            room_id=code.room_id,
+            name=self._local_name("room"),
+            title="",
+            relay=code.relay_url,
+            key=key,
+            events=list(log.events),
+        )
+        with self.store.transaction():
+            self._save(room)
+            self._new_sender_key(room, since=log.state.pos)
+        await self._upload_prekeys(room, fresh=True)
+        return room
+
+    async def _append(self, room: Room, event: bytes) -> None:
+        try:
+            await self.http(room.relay).append(room.room_id, event)
+        except RelayError as exc:
+            if exc.code in ("chain_broken", "conflict"):
+                raise ClientError(
+                    "the room changed meanwhile; try again", hint="run `backchannel read`"
+                ) from None
+            raise
+        await self.sync_log(room)
+
+    async def remove(self, room: Room, member: bytes) -> None:
+        await self.sync_log(room)
+        self._require_usable(room)
+        if room.state.role_of(room.me) != "facilitator":
+            raise ClientError("only a facilitator can remove members")
+        await self._append(room, L.make_remove(room.key, room.state, member, self.now()))
+
+    async def leave(self, room: Room) -> None:
+        await self.sync_log(room)
+        if room.status == "active":
+            await self._append(room, L.make_leave(room.key, room.state, self.now()))
+
+    # --- the log ---------------------------------------------------------------------------
+
+    def _require_usable(self, room: Room) -> None:
+        if room.status == "compromised":
+            raise ClientError(
+                f"this room failed validation and is locked: {room.problem}",
+                hint="compare safety numbers with the facilitator out of band",
+            )
+        if room.status in ("removed", "left"):
+            raise ClientError("you are no longer a member of this room")
+
+    async def sync_log(self, room: Room) -> list[L.Event]:
+        """Fetch and validate new log events; act on joins and departures."""
+        if room.status == "compromised":
+            return []
+        signer = room.key.sign_seed
+        try:
+            events = await self.http(room.relay).events(room.room_id, len(room.events) - 1, signer)
+        except RelayError as exc:
+            if exc.status in (401, 403) and room.status == "active":
+                # We can no longer read the log: we were removed. Confirmed
+                # only by the log itself, so keep the status until we see it.
+                return []
+            raise
+        new: list[L.Event] = []
+        for data in events:
+            try:
+                room.log.append(data)
+            except L.DuplicateEvent:
+                continue
+            except ProtocolError as exc:
+                self._compromise(room, f"the room log does not validate ({exc.code})")
+                return new
+            room.events.append(data)
+            new.append(room.log.decoded(room.log.state.pos))
+        with self.store.transaction():
+            for event in new:
+                self._after_event(room, event)
+            self._save(room)
+        return new
+
+    def _after_event(self, room: Room, event: L.Event) -> None:
+        pos = event.pos
+        if isinstance(event, L.RemoveEvent | L.LeaveEvent):
+            gone = event.target if isinstance(event, L.RemoveEvent) else event.author
+            if gone == room.me:
+                room.status = "removed" if isinstance(event, L.RemoveEvent) else "left"
+                self._notice(
+                    room,
+                    "you were removed from this room"
+                    if room.status == "removed"
+                    else "you left this room",
+                )
+                return
+            self._retire_inbound(room, pos)
+            self._new_sender_key(room, since=pos)
+            self._notice(
+                room,
+                f"{self._name(room, gone)} "
+                f"{'was removed' if isinstance(event, L.RemoveEvent) else 'left'}"
+                "; keys rotated",
+            )
+        elif isinstance(event, L.JoinEvent) and event.member.sign != room.me:
+            self._notice(room, f"{self._name(room, event.member.sign)} joined")
+        elif isinstance(event, L.SetRulesEvent):
+            self._notice(
+                room,
+                f"the rules changed: {event.rules.mode}, "
+                f"messages kept {event.rules.retention // 3600} h",
+            )
+
+    def _compromise(self, room: Room, reason: str) -> None:
+        room.status = "compromised"
+        room.problem = reason
+        with self.store.transaction():
+            self._save(room)
+            self._warn(room, reason)
+
+    # --- transcript ------------------------------------------------------------------------
+
+    def _add_line(self, room: Room, entry: dict[str, Value], ts: int | None = None) -> None:
+        ts = self.now() if ts is None else ts
+        entry["ts"] = ts
+        expires = self.now() + room.state.rules.retention
+        n = self.store.add_message(room.room_id, encode(entry), expires)
+        if self.on_line is not None:
+            self.on_line(room, _line(n, entry, room.me))
+
+    def _notice(self, room: Room, text: str) -> None:
+        self._add_line(room, {"kind": "notice", "text": text})
+
+    def _warn(self, room: Room, text: str) -> None:
+        self.notices.append((room.room_id, text))
+        self._add_line(room, {"kind": "warning", "text": text})
+
+    def lines(self, room: Room, after: int = -1) -> list[Line]:
+        self.store.purge_expired(self.now())
+        out = []
+        for n, data in self.store.messages(room.room_id, after=after):
+            value = decode(data)
+            assert isinstance(value, dict)
+            out.append(_line(n, value, room.me))
+        return out
+
+    # --- members and profiles --------------------------------------------------------------
+
+    def _peers(self, room: Room) -> dict[bytes, dict[str, Value]]:
+        data = self.store.get("peers", room.room_id)
+        if data is None:
+            return {}
+        value = decode(data)
+        assert isinstance(value, dict)
+        return {bytes.fromhex(k): v for k, v in value.items()}  # type: ignore[misc]
+
+    def _save_peers(self, room: Room, peers: dict[bytes, dict[str, Value]]) -> None:
+        self.store.put("peers", room.room_id, encode({k.hex(): v for k, v in peers.items()}))
+
+    def _name(self, room: Room, sign: bytes) -> str:
+        if sign == room.me:
+            return "you"
+        if room.state.rules.mode != "anonymous":
+            name = self._peers(room).get(sign, {}).get("name")
+            if isinstance(name, str) and name:
+                return name
+        return pseudonym(room.room_id, sign)
+
+    def members(self, room: Room) -> list[MemberView]:
+        peers = self._peers(room)
+        out = []
+        for member in room.state.members.values():
+            info = peers.get(member.key.sign, {})
+            out.append(
+                MemberView(
+                    key=member.key,
+                    role=member.role,
+                    name=self._name(room, member.key.sign),
+                    affiliation=None
+                    if room.state.rules.mode == "anonymous"
+                    else (str(info["aff"]) if "aff" in info else None),
+                    verified=info.get("verified") == member.key.fingerprint(),
+                    me=member.key.sign == room.me,
+                )
+            )
+        return sorted(out, key=lambda m: (not m.me, m.name))
+
+    def member(self, room: Room, query: str) -> MemberView:
+        views = [m for m in self.members(room) if not m.me]
+        for test in (
+            lambda m: m.name == query,
+            lambda m: len(query) >= 4 and m.fingerprint.startswith(query.lower().replace(" ", "")),
+        ):
+            found = [m for m in views if test(m)]
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise ClientError(f"{query!r} matches several members", hint="use a fingerprint")
+        raise ClientError(f"no member {query!r} in this room", hint="`backchannel members ROOM`")
+
+    def safety(self, room: Room, member: MemberView) -> SafetyNumber:
+        return safety_number(room.key.public, member.key, room_id=room.room_id)
+
+    def mark_verified(self, room: Room, member: MemberView) -> None:
+        with self.store.transaction():
+            peers = self._peers(room)
+            peers.setdefault(member.key.sign, {})["verified"] = member.key.fingerprint()
+            self._save_peers(room, peers)
+
+    # --- prekeys -----------------------------------------------------------------------------
+
+    def _prekeys(self, room: Room) -> dict[str, Any]:
+        data = self.store.get("prekeys", room.room_id)
+        if data is None:
+            return {"next": 1, "keys": []}
+        value = decode(data, max_size=16 << 20)
+        assert isinstance(value, dict)
+        return value
+
+    def _prekey_lookup(
+        self, room: Room
+    ) -> tuple[Callable[[PreKeyKind, int], tuple[PreKey, PreKeyPrivate] | None], dict[str, Any]]:
+        record = self._prekeys(room)
+        table = {
+            (str(k), int(i)): (PreKey.from_value(decode(pk)), PreKeyPrivate(k, i, priv))
+            for k, i, pk, priv in record["keys"]
+        }
+        return (lambda kind, key_id: table.get((kind, key_id))), record
+
+    async def _upload_prekeys(self, room: Room, *, fresh: bool, opk: int = 0, kem: int = 0) -> None:
+        record = self._prekeys(room)
+        next_id = int(record["next"])
+        made: list[tuple[PreKey, PreKeyPrivate]] = []
+        now = self.now()
+        if fresh:
+            made.append(generate_x25519_prekey(room.key, "spk", next_id, now))
+            made.append(generate_kem_prekey(room.key, "kem-lr", next_id + 1, now))
+            next_id += 2
+            opk, kem = ONE_TIME_PREKEYS, KEM_PREKEYS
+        for _ in range(opk):
+            made.append(generate_x25519_prekey(room.key, "opk", next_id, now))
+            next_id += 1
+        for _ in range(kem):
+            made.append(generate_kem_prekey(room.key, "kem", next_id, now))
+            next_id += 1
+        if not made:
+            return
+        keys = list(record["keys"])
+        if fresh:
+            keys = [k for k in keys if k[0] not in ("spk", "kem-lr")]
+        keys += [[p.kind, p.id, encode(p.to_value()), priv.private] for p, priv in made]
+        with self.store.transaction():
+            self.store.put("prekeys", room.room_id, encode({"keys": keys, "next": next_id}))
+        upload = PreKeyUpload(member=room.key.public, prekeys=[p for p, _ in made])
+        await self.http(room.relay).upload_prekeys(upload.to_bytes())
+
+    # --- sender keys ---------------------------------------------------------------------------
+
+    def _new_sender_key(self, room: Room, since: int) -> None:
+        previous = self.store.get("out", room.room_id)
+        out = OutboundSenderKey.generate(
+            room.room_id,
+            room.me,
+            since=since,
+            previous=None if previous is None else OutboundSenderKey.from_bytes(previous),
+        )
+        self.store.put("out", room.room_id, out.to_bytes())
+        self.store.put("dist", room.room_id, encode({"gen": out.generation, "to": []}))
+
+    def _inbound(self, room: Room) -> dict[tuple[bytes, int], InboundSenderKey]:
+        data = self.store.get("in", room.room_id)
+        if data is None:
+            return {}
+        value = decode(data, max_size=64 << 20)
+        assert isinstance(value, list)
+        keys = [InboundSenderKey.from_bytes(_b(v)) for v in value]
+        return {(k.owner, k.generation): k for k in keys}
+
+    def _save_inbound(self, room: Room, keys: dict[tuple[bytes, int], InboundSenderKey]) -> None:
+        self.store.put("in", room.room_id, encode([k.to_bytes() for k in keys.values()]))
+
+    def _retire_inbound(self, room: Room, pos: int) -> None:
+        keys = self._inbound(room)
+        for key in keys.values():
+            key.retire(pos)
+        self._save_inbound(room, keys)
+
+    # --- pairwise ------------------------------------------------------------------------------
+
+    def _sessions(self, room: Room, peer: bytes) -> list[PairwiseSession]:
+        data = self.store.get("sessions", room.room_id + peer)
+        if data is None:
+            return []
+        value = decode(data, max_size=64 << 20)
+        assert isinstance(value, list)
+        return [PairwiseSession.from_bytes(_b(v)) for v in value]
+
+    def _save_sessions(self, room: Room, peer: bytes, sessions: list[PairwiseSession]) -> None:
+        self.store.put(
+            "sessions",
+            room.room_id + peer,
+            encode([s.to_bytes() for s in sessions[-MAX_SESSIONS_PER_PEER:]]),
+        )
+
+    async def _session_for(self, room: Room, peer: MemberPublicKey) -> list[PairwiseSession]:
+        sessions = self._sessions(room, peer.sign)
+        if sessions:
+            return sessions
+        raw = await self.http(room.relay).claim(peer.sign, room.key.sign_seed)
+        try:
+            bundle = PreKeyBundle.from_bytes(raw)
+            session = PairwiseSession.initiate(
+                room.key, bundle, peer, now=self.now(), max_spk_age=SIGNED_PREKEY_MAX_AGE
+            )
+        except ProtocolError as exc:
+            self._warn(
+                room,
+                f"the relay served a bad key bundle for {self._name(room, peer.sign)}"
+                f" ({exc.code}); not sending to them",
+            )
+            raise
+        return [session]
+
+    async def _pairwise(
+        self, sock: RelaySocket, room: Room, peer: MemberPublicKey, payload: dict[str, Value]
+    ) -> None:
+        """Encrypt ``payload`` to ``peer`` and put it in its mailbox (durably, then ack)."""
+        sessions = await self._session_for(room, peer)
+        cid = P.random_bytes(16)
+        # Sending session: the newest we initiated, else the newest at all.
+        sender = next((s for s in reversed(sessions) if s.is_initiator), sessions[-1])
+        data = sender.encrypt(encode(payload))
+        with self.store.transaction():
+            self._save_sessions(room, peer.sign, sessions)
+        await sock.send(
+            "psend", room=room.room_id, **{"from": room.me}, to=peer.sign, cid=cid, data=data
+        )
+        await self._await_reply(sock, "psent", cid)
+
+    async def _await_reply(self, sock: RelaySocket, kind: str, cid: bytes) -> Frame:
+        while True:
+            frame = await sock.recv(timeout=30)
+            if frame.type == kind and frame.get("cid") == cid:
+                return frame
+            if frame.type == "error" and frame.get("ref") in (cid, kind[1:], kind):
+                raise RelayError(str(frame["code"]), str(frame.get("detail")))
+            self._backlog.append(frame)
+
+    _backlog: list[Frame]
+
+    async def _distribute(self, sock: RelaySocket, room: Room) -> None:
+        """Make sure every current member has our current sender key (and our profile)."""
+        out = OutboundSenderKey.from_bytes(_b(self.store.get("out", room.room_id)))
+        dist_value = decode(_b(self.store.get("dist", room.room_id)))
+        assert isinstance(dist_value, dict)
+        done = {_b(x) for x in _list(dist_value["to"])}
+        profile = self.profile()
+        for member in room.state.members.values():
+            sign = member.key.sign
+            if sign == room.me or sign in done:
+                continue
+            payload: dict[str, Value] = {"skd": out.distribution().to_bytes(), "t": "keys"}
+            if room.state.rules.mode != "anonymous":
+                payload["name"] = profile["name"]
+                if profile.get("affiliation"):
+                    payload["aff"] = profile["affiliation"]
+            if room.state.role_of(room.me) == "facilitator" and room.title:
+                payload["title"] = room.title
+            try:
+                await self._pairwise(sock, room, member.key, payload)
+            except (RelayError, ProtocolError):
+                continue  # reported; retried on the next send
+            done.add(sign)
+            self.store.put(
+                "dist", room.room_id, encode({"gen": out.generation, "to": sorted(done)})
+            )
+
+    # --- live connection -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def connect(self, rooms: list[Room]) -> AsyncIterator[RelaySocket]:
+        relays = {r.relay for r in rooms}
+        if len(relays) != 1:
+            raise ClientError("one relay at a time")
+        self._backlog = []
+        active = [r for r in rooms if r.status == "active"]
+        sock = await RelaySocket.connect(relays.pop(), [r.key for r in active], proxy=self.proxy)
+        try:
+            for room in active:
+                await sock.send("sub", room=room.room_id, after=room.cursor)
+            yield sock
+        finally:
+            await sock.close()
+
+    async def send_text(
+        self, sock: RelaySocket, room: Room, text: str, *, to: bytes | None = None
+    ) -> None:
+        await self.sync_log(room)
+        self._require_usable(room)
+        if to is not None:
+            peer = room.state.members.get(to)
+            if peer is None:
+                raise ClientError("that member is not in the room")
+            await self._pairwise(
+                sock, room, peer.key, {"t": "sidebar", "text": text, "ts": self.now()}
+            )
+            self._add_line(room, {"kind": "sidebar", "text": text, "from": room.me, "to": to})
+            return
+        if room.state.role_of(room.me) == "observer":
+            raise ClientError("observers cannot post in this room")
+        await self._distribute(sock, room)
+        cid = P.random_bytes(16)
+        with self.store.transaction():
+            out = OutboundSenderKey.from_bytes(_b(self.store.get("out", room.room_id)))
+            body = encode({"t": "text", "text": text, "ts": self.now()})
+            envelope = out.seal(body, room.state.epoch)
+            self.store.put("out", room.room_id, out.to_bytes())
+            self.store.put("outbox", room.room_id + cid, envelope)
+            self._add_line(room, {"kind": "message", "text": text, "from": room.me})
+        await sock.send("send", room=room.room_id, **{"from": room.me}, cid=cid, data=envelope)
+        await self._await_reply(sock, "sent", cid)
+        self.store.delete("outbox", room.room_id + cid)
+
+    async def pump(
+        self, sock: RelaySocket, rooms: list[Room], *, idle: float = 0.5, forever: bool = False
+    ) -> None:
+        """Process frames until none arrive for ``idle`` seconds (or forever)."""
+        by_id = {r.room_id: r for r in rooms}
+        while True:
+            if self._backlog:
+                frame = self._backlog.pop(0)
+            else:
+                try:
+                    frame = await sock.recv(timeout=None if forever else idle)
+                except TimeoutError:
+                    return
+            await self._handle(sock, by_id, frame)
+
+    async def _handle(self, sock: RelaySocket, rooms: dict[bytes, Room], frame: Frame) -> None:
+        if frame.type == "pmsg":
+            await self._on_pairwise(sock, rooms, frame)
+        elif frame.type == "msg":
+            room = rooms.get(_b(frame["room"]))
+            if room is not None:
+                await self._on_room_message(room, frame)
+        elif frame.type in ("event", "removed"):
+            room = rooms.get(_b(frame["room"]))
+            if room is not None:
+                await self.sync_log(room)
+        elif frame.type == "error":
+            room_id = frame.get("room")
+            text = f"the relay reported: {frame.get('detail')} ({frame.get('code')})"
+            if isinstance(room_id, bytes) and room_id in rooms:
+                self._warn(rooms[room_id], text)
+
+    async def _on_pairwise(self, sock: RelaySocket, rooms: dict[bytes, Room], frame: Frame) -> None:
+        room = rooms.get(_b(frame["room"]))
+        item = frame["id"]
+        if room is None:
+            await sock.send("ack", ids=[item])
+            return
+        sender = _b(frame["from"])
+        member = room.state.members.get(sender)
+        if member is None:
+            await self.sync_log(room)
+            member = room.state.members.get(sender)
+        if member is None:
+            self._warn(room, "a pairwise message from someone who is not a member was refused")
+            await sock.send("ack", ids=[item])
+            return
+        data = _b(frame["data"])
+        with self.store.transaction():
+            try:
+                plaintext = self._decrypt_pairwise(room, member.key, data)
+                self._on_payload(room, member.key.sign, plaintext)
+            except ProtocolError as exc:
+                self._warn(
+                    room,
+                    f"a pairwise message from {self._name(room, sender)} was refused ({exc.code})",
+                )
+        await sock.send("ack", ids=[item])
+
+    def _decrypt_pairwise(self, room: Room, peer: MemberPublicKey, data: bytes) -> bytes:
+        sessions = self._sessions(room, peer.sign)
+        for session in reversed(sessions):
+            try:
+                plaintext = session.decrypt(data)
+            except (NewSession, ProtocolError):
+                continue
+            self._save_sessions(room, peer.sign, sessions)
+            return plaintext
+        lookup, record = self._prekey_lookup(room)
+        accepted = PairwiseSession.accept(room.key, data, initiator=peer, prekeys=lookup)
+        consumed = {(k, i) for k, i in accepted.consumed if k in ("opk", "kem")}
+        record["keys"] = [k for k in record["keys"] if (k[0], k[1]) not in consumed]
+        self.store.put("prekeys", room.room_id, encode(record))
+        self._save_sessions(room, peer.sign, [*sessions, accepted.session])
+        return accepted.plaintext
+
+    def _on_payload(self, room: Room, sender: bytes, plaintext: bytes) -> None:
+        value = decode(plaintext)
+        if not isinstance(value, dict):
+            raise ProtocolError("pairwise payload is not a map")
+        kind = value.get("t")
+        if kind == "keys":
+            dist = SenderKeyDistribution.from_bytes(_b(value["skd"]))
+            if dist.owner != sender or dist.room_id != room.room_id:
+                raise UnknownSenderKey("a sender key for someone else")
+            keys = self._inbound(room)
+            if (sender, dist.generation) not in keys:
+                keys[(sender, dist.generation)] = InboundSenderKey.from_distribution(dist)
+                # A departure after the key was made retires it like the others.
+                for event_pos in range(dist.since + 1, room.state.length):
+                    if isinstance(room.log.decoded(event_pos), L.RemoveEvent | L.LeaveEvent):
+                        keys[(sender, dist.generation)].retire(event_pos)
+                        break
+                self._save_inbound(room, keys)
+            peers = self._peers(room)
+            info = peers.setdefault(sender, {})
+            if room.state.rules.mode != "anonymous":
+                if isinstance(value.get("name"), str):
+                    info["name"] = _clip(str(value["name"]), 64)
+                if isinstance(value.get("aff"), str):
+                    info["aff"] = _clip(str(value["aff"]), 128)
+            self._save_peers(room, peers)
+            title = value.get("title")
+            if isinstance(title, str) and not room.title and room.state.role_of(sender) == (
+                "facilitator"
+            ):
+                room.title = _clip(title, 200)
+                self._save(room)
+        elif kind == "sidebar":
+            self._add_line(
+                room,
+                {
+                    "kind": "sidebar",
+                    "text": str(value.get("text", "")),
+                    "from": sender,
+                    "to": room.me,
+                },
+            )
+
+    async def _on_room_message(self, room: Room, frame: Frame) -> None:
+        seq = _i(frame["seq"])
+        data = _b(frame["data"])
+        try:
+            envelope = RoomEnvelope.from_bytes(data)
+            if envelope.room_id != room.room_id:
+                raise NotAuthorized("a message from another room")
+            verdict = check_epoch(room.log, envelope, room.me)
+            if verdict == "ahead":
+                await self.sync_log(room)
+                verdict = check_epoch(room.log, envelope, room.me)
+                if verdict == "ahead":
+                    raise ForkDetected("message names a log position the relay does not show us")
+        except NotAuthorized as exc:
+            if envelope_for_me_later(exc):
+                self._advance(room, seq)
+                return
+            self._warn(room, f"a room message was refused ({exc})")
+            self._advance(room, seq)
+            return
+        except ProtocolError as exc:
+            if isinstance(exc, ForkDetected):
+                self._compromise(room, "the relay showed members different room logs (fork)")
+                return
+            self._warn(room, f"a room message was refused ({exc.code})")
+            self._advance(room, seq)
+            return
+        if envelope.sender == room.me:
+            self._advance(room, seq)
+            return
+        with self.store.transaction():
+            keys = self._inbound(room)
+            key = keys.get((envelope.sender, envelope.generation))
+            if key is None:
+                self._stash(room, data)
+                self._advance(room, seq)
+                return
+            try:
+                body = key.open(envelope)
+            except DuplicateMessage:
+                self._warn(
+                    room, f"a replayed message from {self._name(room, envelope.sender)} was dropped"
+                )
+            except StaleSenderKey:
+                self._warn(
+                    room,
+                    f"a message under a retired key from "
+                    f"{self._name(room, envelope.sender)} was refused",
+                )
+            except ProtocolError as exc:
+                self._warn(
+                    room,
+                    f"a message claiming to be from "
+                    f"{self._name(room, envelope.sender)} was refused ({exc.code})",
+                )
+            else:
+                value = decode(body)
+                if isinstance(value, dict) and value.get("t") == "text":
+                    self._add_line(
+                        room,
+                        {
+                            "kind": "message",
+                            "text": str(value.get("text", "")),
+                            "from": envelope.sender,
+                        },
+                    )
+                gaps = key.missing()
+                if gaps:
+                    self._warn(
+                        room,
+                        f"{len(gaps)} message(s) from "
+                        f"{self._name(room, envelope.sender)} have not arrived",
+                    )
+                self._save_inbound(room, keys)
+            self._advance(room, seq)
+
+    def _stash(self, room: Room, data: bytes) -> None:
+        stash = self.store.get("stash", room.room_id)
+        items = [] if stash is None else _list(decode(stash, max_size=256 << 20))
+        items = [*items, data][-MAX_STASH:]
+        self.store.put("stash", room.room_id, encode(items))
+
+    def _advance(self, room: Room, seq: int) -> None:
+        if seq > room.cursor:
+            room.cursor = seq
+            self._save(room)
+
+    async def retry_stash(self, room: Room) -> None:
+        data = self.store.get("stash", room.room_id)
+        if data is None:
+            return
+        self.store.delete("stash", room.room_id)
+        for item in _list(decode(data, max_size=256 << 20)):
+            await self._on_room_message(room, Frame("msg", {"seq": 0, "data": item}))
+
+
+def envelope_for_me_later(exc: NotAuthorized) -> bool:
+    # Messages from before we joined are not ours to read; not an attack.
+    return "does not include us" in str(exc)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text[:limit]
+
+
+def _line(n: int, entry: dict[str, Value], me: bytes) -> Line:
+    sender = entry.get("from")
+    to = entry.get("to")
+    return Line(
+        n=n,
+        kind=str(entry.get("kind")),
+        sender=sender if isinstance(sender, bytes) else None,
+        text=str(entry.get("text", "")),
+        ts=int(_i(entry.get("ts", 0))),
+        mine=sender == me,
+        to=to if isinstance(to, bytes) else None,
+    )
+
+
+_ADJECTIVES = (
+    "amber",
+    "azure",
+    "brisk",
+    "calm",
+    "cedar",
+    "coral",
+    "dusk",
+    "ember",
+    "fern",
+    "frost",
+    "gold",
+    "hazel",
+    "indigo",
+    "ivory",
+    "jade",
+    "lilac",
+    "maple",
+    "moss",
+    "ochre",
+    "olive",
+    "pearl",
+    "quiet",
+    "rust",
+    "sage",
+    "slate",
+    "stone",
+    "teal",
+    "umber",
+    "violet",
+    "willow",
+)
+_NOUNS = (
+    "badger",
+    "crane",
+    "dove",
+    "egret",
+    "falcon",
+    "finch",
+    "fox",
+    "gull",
+    "hare",
+    "heron",
+    "ibis",
+    "jay",
+    "kestrel",
+    "lark",
+    "lynx",
+    "marten",
+    "otter",
+    "owl",
+    "plover",
+    "raven",
+    "robin",
+    "seal",
+    "stork",
+    "swift",
+    "tern",
+    "thrush",
+    "wren",
+    "yak",
+    "zebu",
+    "wolf",
+)
+
+
+def pseudonym(room_id: bytes, sign: bytes) -> str:
+    """A stable per-room pseudonym for a member key (the same on every client)."""
+    digest = P.hash_bytes(b"bc-pseudonym", room_id + sign, 16)
+    a = _ADJECTIVES[digest[0] % len(_ADJECTIVES)]
+    b = _NOUNS[digest[1] % len(_NOUNS)]
+    return f"{a}-{b}-{int.from_bytes(digest[2:4], 'big') % 100:02d}"

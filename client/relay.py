@@ -1,0 +1,272 @@
+"""The client's transport to one relay: REST for set-up, one WebSocket for the hot path.
+
+Nothing here decides what to believe: it moves bytes and maps the relay's
+errors to :class:`RelayError`. What arrives is checked by the caller against
+the validated room log (DESIGN.md §3: "only what a client validated is
+believed").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from backchannel.protocol import primitives as P
+from backchannel.protocol import relayauth
+from backchannel.protocol.encoding import Value, decode, encode
+from backchannel.protocol.keys import MemberKeyPair
+
+FRAME_VERSION = 1
+MAX_FRAME = 4 << 20
+
+
+class RelayError(Exception):
+    """The relay refused something, or could not be reached. ``code`` is stable."""
+
+    def __init__(self, code: str, detail: str, status: int | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"{self.detail} ({self.code})"
+
+
+class Unreachable(RelayError):
+    def __init__(self, url: str) -> None:
+        super().__init__("unreachable", f"cannot reach the relay at {url}")
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def origin_of(url: str) -> str:
+    """The origin signatures are bound to: ``scheme://host:port`` as given, no path."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def ws_url(url: str) -> str:
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    return f"{scheme}://{parts.netloc}/v1/ws"
+
+
+class RelayHttp:
+    """REST calls, signed where the relay asks for proof of a key."""
+
+    def __init__(self, url: str, *, proxy: str | None = None, timeout: float = 20.0) -> None:
+        self.url = url.rstrip("/")
+        self.origin = origin_of(self.url)
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, proxy=proxy)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        signer: bytes | None = None,
+    ) -> Any:
+        content = b"" if body is None else httpx.Request("POST", "/", json=body).content
+        headers = {"content-type": "application/json"} if body is not None else {}
+        if signer is not None:
+            ts = int(time.time())
+            nonce = P.random_bytes(relayauth.REQUEST_NONCE_SIZE)
+            sig = relayauth.sign_request(
+                signer,
+                origin=self.origin,
+                method=method,
+                path=path,
+                body=content,
+                timestamp=ts,
+                nonce=nonce,
+            )
+            headers |= {
+                "X-BC-Key": P.ed25519_public(signer).hex(),
+                "X-BC-Time": str(ts),
+                "X-BC-Nonce": b64(nonce),
+                "X-BC-Sig": b64(sig),
+            }
+        try:
+            response = await self._http.request(method, path, content=content, headers=headers)
+        except httpx.TransportError as exc:
+            raise Unreachable(self.url) from exc
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if response.status_code >= 400:
+            error = payload.get("error", {}) if isinstance(payload, dict) else {}
+            raise RelayError(
+                str(error.get("code", "http_error")),
+                str(error.get("detail", f"the relay answered {response.status_code}")),
+                response.status_code,
+            )
+        return payload
+
+    async def create_room(self, event: bytes, token: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"event": b64(event)}
+        if token:
+            body["token"] = token
+        result: dict[str, Any] = await self._request("POST", "/v1/rooms", body=body)
+        return result
+
+    async def append(self, room_id: bytes, event: bytes) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request(
+            "POST", f"/v1/rooms/{room_id.hex()}/events", body={"event": b64(event)}
+        )
+        return result
+
+    async def events(self, room_id: bytes, after: int, signer: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        while True:
+            path = f"/v1/rooms/{room_id.hex()}/events?after={after + len(out)}"
+            page = await self._request("GET", path, signer=signer)
+            batch = [unb64(e) for e in page["events"]]
+            out.extend(batch)
+            if not batch or after + 1 + len(out) >= int(page["length"]):
+                return out
+
+    async def preview(self, room_id: bytes, invite_seed: bytes) -> list[bytes]:
+        page = await self._request("GET", f"/v1/rooms/{room_id.hex()}/preview", signer=invite_seed)
+        return [unb64(e) for e in page["events"]]
+
+    async def upload_prekeys(self, upload: bytes) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request(
+            "PUT", "/v1/prekeys", body={"upload": b64(upload)}
+        )
+        return result
+
+    async def claim(self, member_sign: bytes, signer: bytes) -> bytes:
+        result = await self._request(
+            "POST", f"/v1/prekeys/{member_sign.hex()}/claim", signer=signer, body={}
+        )
+        return unb64(result["bundle"])
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: str
+    fields: dict[str, Value]
+
+    def __getitem__(self, key: str) -> Value:
+        return self.fields[key]
+
+    def get(self, key: str) -> Value:
+        return self.fields.get(key)
+
+
+def encode_frame(kind: str, **fields: Value) -> bytes:
+    return encode({"t": kind, "v": FRAME_VERSION, **fields})
+
+
+def decode_frame(data: bytes | str) -> Frame:
+    if isinstance(data, str):
+        raise RelayError("malformed", "the relay sent a text frame")
+    value = decode(data, max_size=MAX_FRAME)
+    if not isinstance(value, dict) or value.get("v") != FRAME_VERSION:
+        raise RelayError("unsupported_version", "the relay speaks another frame version")
+    kind = value.get("t")
+    if not isinstance(kind, str):
+        raise RelayError("malformed", "frame without a type")
+    return Frame(kind, {k: v for k, v in value.items() if k not in ("t", "v")})
+
+
+class RelaySocket:
+    """One authenticated WebSocket. Frames that are not replies arrive on :meth:`frames`."""
+
+    def __init__(self, conn: ClientConnection, origin: str) -> None:
+        self._conn = conn
+        self.origin = origin
+        self._nonce: bytes | None = None
+
+    @classmethod
+    async def connect(
+        cls, url: str, keys: list[MemberKeyPair], *, proxy: str | None = None
+    ) -> RelaySocket:
+        try:
+            kwargs: dict[str, Any] = {"max_size": MAX_FRAME, "open_timeout": 20}
+            if proxy:
+                kwargs["proxy"] = proxy
+            conn = await websockets.connect(ws_url(url), **kwargs)
+        except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
+            raise Unreachable(url) from exc
+        sock = cls(conn, origin_of(url))
+        first = await sock.recv()
+        if first.type != "challenge":
+            raise RelayError("protocol", "the relay did not send a challenge")
+        nonce = first["nonce"]
+        assert isinstance(nonce, bytes)
+        sock._nonce = nonce
+        if keys:
+            await sock.authenticate(keys)
+        return sock
+
+    async def authenticate(self, keys: list[MemberKeyPair]) -> None:
+        """Prove possession of ``keys``; the relay answers with a fresh challenge."""
+        assert self._nonce is not None
+        proofs: list[Value] = [
+            {
+                "key": k.public.sign,
+                "sig": relayauth.sign_challenge(k.sign_seed, self.origin, self._nonce),
+            }
+            for k in keys
+        ]
+        await self.send("auth", keys=proofs)
+        while True:
+            frame = await self.recv()
+            if frame.type == "error":
+                raise RelayError(str(frame["code"]), str(frame.get("detail")))
+            if frame.type == "challenge":
+                nonce = frame["nonce"]
+                assert isinstance(nonce, bytes)
+                self._nonce = nonce
+            elif frame.type == "ready":
+                return
+
+    async def send(self, kind: str, **fields: Value) -> None:
+        try:
+            await self._conn.send(encode_frame(kind, **fields))
+        except websockets.exceptions.ConnectionClosed as exc:
+            raise RelayError("disconnected", "the connection to the relay closed") from exc
+
+    async def recv(self, timeout: float | None = None) -> Frame:
+        try:
+            async with asyncio.timeout(timeout):
+                data = await self._conn.recv()
+        except websockets.exceptions.ConnectionClosed as exc:
+            raise RelayError("disconnected", "the connection to the relay closed") from exc
+        frame = decode_frame(data)
+        if frame.type == "challenge":
+            nonce = frame["nonce"]
+            if isinstance(nonce, bytes):
+                self._nonce = nonce
+        return frame
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        while True:
+            yield await self.recv()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._conn.close()
