@@ -422,12 +422,12 @@ class Client:
             self._new_sender_key(room, since=pos)
             self._notice(
                 room,
-                f"{self._name(room, gone)} "
+                f"{self.display_name(room, gone)} "
                 f"{'was removed' if isinstance(event, L.RemoveEvent) else 'left'}"
                 "; keys rotated",
             )
         elif isinstance(event, L.JoinEvent) and event.member.sign != room.me:
-            self._notice(room, f"{self._name(room, event.member.sign)} joined")
+            self._notice(room, f"{self.display_name(room, event.member.sign)} joined")
         elif isinstance(event, L.SetRulesEvent):
             self._notice(
                 room,
@@ -481,7 +481,7 @@ class Client:
     def _save_peers(self, room: Room, peers: dict[bytes, dict[str, Value]]) -> None:
         self.store.put("peers", room.room_id, encode({k.hex(): v for k, v in peers.items()}))
 
-    def _name(self, room: Room, sign: bytes) -> str:
+    def display_name(self, room: Room, sign: bytes) -> str:
         if sign == room.me:
             return "you"
         if room.state.rules.mode != "anonymous":
@@ -499,7 +499,7 @@ class Client:
                 MemberView(
                     key=member.key,
                     role=member.role,
-                    name=self._name(room, member.key.sign),
+                    name=self.display_name(room, member.key.sign),
                     affiliation=None
                     if room.state.rules.mode == "anonymous"
                     else (str(info["aff"]) if "aff" in info else None),
@@ -639,7 +639,7 @@ class Client:
         except ProtocolError as exc:
             self._warn(
                 room,
-                f"the relay served a bad key bundle for {self._name(room, peer.sign)}"
+                f"the relay served a bad key bundle for {self.display_name(room, peer.sign)}"
                 f" ({exc.code}); not sending to them",
             )
             raise
@@ -656,21 +656,9 @@ class Client:
         data = sender.encrypt(encode(payload))
         with self.store.transaction():
             self._save_sessions(room, peer.sign, sessions)
-        await sock.send(
+        await sock.request(
             "psend", room=room.room_id, **{"from": room.me}, to=peer.sign, cid=cid, data=data
         )
-        await self._await_reply(sock, "psent", cid)
-
-    async def _await_reply(self, sock: RelaySocket, kind: str, cid: bytes) -> Frame:
-        while True:
-            frame = await sock.recv(timeout=30)
-            if frame.type == kind and frame.get("cid") == cid:
-                return frame
-            if frame.type == "error" and frame.get("ref") in (cid, kind[1:], kind):
-                raise RelayError(str(frame["code"]), str(frame.get("detail")))
-            self._backlog.append(frame)
-
-    _backlog: list[Frame]
 
     async def _distribute(self, sock: RelaySocket, room: Room) -> None:
         """Make sure every current member has our current sender key (and our profile)."""
@@ -706,10 +694,10 @@ class Client:
         relays = {r.relay for r in rooms}
         if len(relays) != 1:
             raise ClientError("one relay at a time")
-        self._backlog = []
         active = [r for r in rooms if r.status == "active"]
         sock = await RelaySocket.connect(relays.pop(), [r.key for r in active], proxy=self.proxy)
         try:
+            await self._flush_outbox(sock, active)
             for room in active:
                 await sock.send("sub", room=room.room_id, after=room.cursor)
             yield sock
@@ -739,11 +727,28 @@ class Client:
             body = encode({"t": "text", "text": text, "ts": self.now()})
             envelope = out.seal(body, room.state.epoch)
             self.store.put("out", room.room_id, out.to_bytes())
-            self.store.put("outbox", room.room_id + cid, envelope)
+            self.store.put(
+                "outbox",
+                room.room_id + cid,
+                encode({"cid": cid, "data": envelope, "room": room.room_id}),
+            )
             self._add_line(room, {"kind": "message", "text": text, "from": room.me})
-        await sock.send("send", room=room.room_id, **{"from": room.me}, cid=cid, data=envelope)
-        await self._await_reply(sock, "sent", cid)
+        await self._send_envelope(sock, room, cid, envelope)
+
+    async def _send_envelope(self, sock: RelaySocket, room: Room, cid: bytes, data: bytes) -> None:
+        # The relay stores a retried cid once, so resending after a crash is safe.
+        await sock.request("send", room=room.room_id, **{"from": room.me}, cid=cid, data=data)
         self.store.delete("outbox", room.room_id + cid)
+
+    async def _flush_outbox(self, sock: RelaySocket, rooms: list[Room]) -> None:
+        """Send what a previous run sealed and stored but never saw acknowledged."""
+        by_id = {r.room_id: r for r in rooms}
+        for raw in self.store.values("outbox"):
+            item = decode(raw)
+            assert isinstance(item, dict)
+            room = by_id.get(_b(item["room"]))
+            if room is not None:
+                await self._send_envelope(sock, room, _b(item["cid"]), _b(item["data"]))
 
     async def pump(
         self, sock: RelaySocket, rooms: list[Room], *, idle: float = 0.5, forever: bool = False
@@ -751,16 +756,13 @@ class Client:
         """Process frames until none arrive for ``idle`` seconds (or forever)."""
         by_id = {r.room_id: r for r in rooms}
         while True:
-            if self._backlog:
-                frame = self._backlog.pop(0)
-            else:
-                try:
-                    frame = await sock.recv(timeout=None if forever else idle)
-                except TimeoutError:
-                    return
-            await self._handle(sock, by_id, frame)
+            try:
+                frame = await sock.recv(timeout=None if forever else idle)
+            except TimeoutError:
+                return
+            await self.handle_frame(sock, by_id, frame)
 
-    async def _handle(self, sock: RelaySocket, rooms: dict[bytes, Room], frame: Frame) -> None:
+    async def handle_frame(self, sock: RelaySocket, rooms: dict[bytes, Room], frame: Frame) -> None:
         if frame.type == "pmsg":
             await self._on_pairwise(sock, rooms, frame)
         elif frame.type == "msg":
@@ -800,7 +802,8 @@ class Client:
             except ProtocolError as exc:
                 self._warn(
                     room,
-                    f"a pairwise message from {self._name(room, sender)} was refused ({exc.code})",
+                    f"a pairwise message from {self.display_name(room, sender)} "
+                    f"was refused ({exc.code})",
                 )
         await sock.send("ack", ids=[item])
 
@@ -848,8 +851,10 @@ class Client:
                     info["aff"] = _clip(str(value["aff"]), 128)
             self._save_peers(room, peers)
             title = value.get("title")
-            if isinstance(title, str) and not room.title and room.state.role_of(sender) == (
-                "facilitator"
+            if (
+                isinstance(title, str)
+                and not room.title
+                and room.state.role_of(sender) == ("facilitator")
             ):
                 room.title = _clip(title, 200)
                 self._save(room)
@@ -905,19 +910,21 @@ class Client:
                 body = key.open(envelope)
             except DuplicateMessage:
                 self._warn(
-                    room, f"a replayed message from {self._name(room, envelope.sender)} was dropped"
+                    room,
+                    f"a replayed message from {self.display_name(room, envelope.sender)} "
+                    "was dropped",
                 )
             except StaleSenderKey:
                 self._warn(
                     room,
                     f"a message under a retired key from "
-                    f"{self._name(room, envelope.sender)} was refused",
+                    f"{self.display_name(room, envelope.sender)} was refused",
                 )
             except ProtocolError as exc:
                 self._warn(
                     room,
                     f"a message claiming to be from "
-                    f"{self._name(room, envelope.sender)} was refused ({exc.code})",
+                    f"{self.display_name(room, envelope.sender)} was refused ({exc.code})",
                 )
             else:
                 value = decode(body)
@@ -935,7 +942,7 @@ class Client:
                     self._warn(
                         room,
                         f"{len(gaps)} message(s) from "
-                        f"{self._name(room, envelope.sender)} have not arrived",
+                        f"{self.display_name(room, envelope.sender)} have not arrived",
                     )
                 self._save_inbound(room, keys)
             self._advance(room, seq)

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -193,37 +193,44 @@ def decode_frame(data: bytes | str) -> Frame:
 
 
 class RelaySocket:
-    """One authenticated WebSocket. Frames that are not replies arrive on :meth:`frames`."""
+    """One authenticated WebSocket.
+
+    After authentication a single reader task owns the connection's receive
+    side: replies to our sends (``sent``, ``psent`` and errors naming a cid)
+    resolve the matching :meth:`request`, everything else lands in
+    :attr:`inbox` in arrival order.
+    """
 
     def __init__(self, conn: ClientConnection, origin: str) -> None:
         self._conn = conn
         self.origin = origin
         self._nonce: bytes | None = None
+        self._pending: dict[bytes, asyncio.Future[Frame]] = {}
+        self.inbox: asyncio.Queue[Frame | RelayError] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
         cls, url: str, keys: list[MemberKeyPair], *, proxy: str | None = None
     ) -> RelaySocket:
+        kwargs: dict[str, Any] = {"max_size": MAX_FRAME, "open_timeout": 20}
+        if proxy:
+            kwargs["proxy"] = proxy
         try:
-            kwargs: dict[str, Any] = {"max_size": MAX_FRAME, "open_timeout": 20}
-            if proxy:
-                kwargs["proxy"] = proxy
             conn = await websockets.connect(ws_url(url), **kwargs)
         except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
             raise Unreachable(url) from exc
         sock = cls(conn, origin_of(url))
-        first = await sock.recv()
+        first = await sock._recv_raw(timeout=20)
         if first.type != "challenge":
             raise RelayError("protocol", "the relay did not send a challenge")
-        nonce = first["nonce"]
-        assert isinstance(nonce, bytes)
-        sock._nonce = nonce
+        sock._nonce = _bytes(first["nonce"])
         if keys:
-            await sock.authenticate(keys)
+            await sock._authenticate(keys)
+        sock._reader = asyncio.create_task(sock._read_loop())
         return sock
 
-    async def authenticate(self, keys: list[MemberKeyPair]) -> None:
-        """Prove possession of ``keys``; the relay answers with a fresh challenge."""
+    async def _authenticate(self, keys: list[MemberKeyPair]) -> None:
         assert self._nonce is not None
         proofs: list[Value] = [
             {
@@ -234,15 +241,50 @@ class RelaySocket:
         ]
         await self.send("auth", keys=proofs)
         while True:
-            frame = await self.recv()
+            frame = await self._recv_raw(timeout=20)
             if frame.type == "error":
                 raise RelayError(str(frame["code"]), str(frame.get("detail")))
             if frame.type == "challenge":
-                nonce = frame["nonce"]
-                assert isinstance(nonce, bytes)
-                self._nonce = nonce
+                self._nonce = _bytes(frame["nonce"])
             elif frame.type == "ready":
                 return
+            else:
+                self.inbox.put_nowait(frame)
+
+    async def _recv_raw(self, timeout: float | None = None) -> Frame:
+        try:
+            async with asyncio.timeout(timeout):
+                data = await self._conn.recv()
+        except websockets.exceptions.ConnectionClosed as exc:
+            raise RelayError("disconnected", "the connection to the relay closed") from exc
+        except TimeoutError as exc:
+            raise RelayError("timeout", "the relay did not answer in time") from exc
+        return decode_frame(data)
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = await self._recv_raw()
+                cid = frame.get("cid") if frame.type in ("sent", "psent", "error") else None
+                if isinstance(cid, bytes) and cid in self._pending:
+                    future = self._pending.pop(cid)
+                    if not future.done():
+                        future.set_result(frame)
+                elif frame.type == "challenge":
+                    self._nonce = _bytes(frame["nonce"])
+                else:
+                    self.inbox.put_nowait(frame)
+        except RelayError as exc:
+            self._fail(exc)
+        except Exception as exc:  # a malformed frame from the relay ends this connection
+            self._fail(RelayError("protocol", f"the relay sent something unreadable: {exc}"))
+
+    def _fail(self, exc: RelayError) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._pending.clear()
+        self.inbox.put_nowait(exc)
 
     async def send(self, kind: str, **fields: Value) -> None:
         try:
@@ -250,23 +292,44 @@ class RelaySocket:
         except websockets.exceptions.ConnectionClosed as exc:
             raise RelayError("disconnected", "the connection to the relay closed") from exc
 
-    async def recv(self, timeout: float | None = None) -> Frame:
+    async def request(
+        self, kind: str, *, cid: bytes, timeout: float = 30, **fields: Value
+    ) -> Frame:
+        """Send a frame carrying ``cid`` and wait for the relay's answer to it."""
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._pending[cid] = future
         try:
+            await self.send(kind, cid=cid, **fields)
             async with asyncio.timeout(timeout):
-                data = await self._conn.recv()
-        except websockets.exceptions.ConnectionClosed as exc:
-            raise RelayError("disconnected", "the connection to the relay closed") from exc
-        frame = decode_frame(data)
-        if frame.type == "challenge":
-            nonce = frame["nonce"]
-            if isinstance(nonce, bytes):
-                self._nonce = nonce
+                frame = await future
+        except TimeoutError as exc:
+            raise RelayError("timeout", "the relay did not acknowledge in time") from exc
+        finally:
+            self._pending.pop(cid, None)
+        if frame.type == "error":
+            raise RelayError(str(frame["code"]), str(frame.get("detail")))
         return frame
 
-    async def frames(self) -> AsyncIterator[Frame]:
-        while True:
-            yield await self.recv()
+    async def recv(self, timeout: float | None = None) -> Frame:
+        """The next frame that is not a reply; raises if the connection failed."""
+        try:
+            async with asyncio.timeout(timeout):
+                item = await self.inbox.get()
+        except TimeoutError:
+            raise
+        if isinstance(item, RelayError):
+            self.inbox.put_nowait(item)  # every later recv fails the same way
+            raise item
+        return item
 
     async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
         with contextlib.suppress(Exception):
             await self._conn.close()
+
+
+def _bytes(value: Value) -> bytes:
+    if not isinstance(value, bytes):
+        raise RelayError("protocol", "the relay sent a malformed frame")
+    return value

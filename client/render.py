@@ -1,0 +1,55 @@
+"""Making other people's text inert before it reaches a terminal, a file or the chat screen.
+
+Everything another member wrote (messages, display names, affiliations, room
+titles) is untrusted. Before it is shown it passes through :func:`inert`:
+
+* C0 and C1 control characters (ESC, BEL, CR, backspace, ...) and DEL, which
+  could move the cursor, recolour, retitle the window or hide text, become
+  visible ``<U+001B>`` marks; a line feed is kept only where the caller allows
+  multi-line text;
+* Unicode bidirectional controls (LRE, RLE, PDF, LRO, RLO, LRI, RLI, FSI, PDI,
+  LRM, RLM, ALM), which can make text read differently from its bytes (the
+  "Trojan Source" trick), become visible marks as well;
+* other invisible format characters (zero-width spaces and joiners, the BOM)
+  are marked so two names that look alike can be told apart.
+
+Markup is not interpreted anywhere: the chat screen renders with Rich/Textual
+``Text`` objects built from plain strings (never ``markup=True``), and the
+Markdown export escapes what Markdown would act on.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
+_INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e")
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Co", "Cn"})
+_MD_SPECIAL = frozenset("\\`*_{}[]()<>#+-.!|~")
+
+
+def _mark(ch: str) -> str:
+    return f"<U+{ord(ch):04X}>"
+
+
+def inert(text: str, *, multiline: bool = False, limit: int | None = None) -> str:
+    """``text`` with every character that could act on a terminal made visible."""
+    out = []
+    for ch in text:
+        if ch == "\n" and multiline:
+            out.append(ch)
+        elif ch == "\t":
+            out.append("    ")
+        elif ch in _BIDI or ch in _INVISIBLE or unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+            out.append(_mark(ch))
+        else:
+            out.append(ch)
+    result = "".join(out)
+    if limit is not None and len(result) > limit:
+        result = result[: limit - 1] + "…"
+    return result
+
+
+def markdown_escape(text: str) -> str:
+    """Inert text, escaped so Markdown renders it literally (no links, images, HTML)."""
+    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in inert(text, multiline=True))
