@@ -2,7 +2,7 @@
 
 Follows "The PQXDH Key Agreement Protocol" (Signal, Kret and Schmidt), which
 extends "The X3DH Key Agreement Protocol" (Signal, 2016), with the changes
-listed in docs/protocol.md ("Pairwise sessions"):
+listed in docs/sections/pairwise.md:
 
 * Identity keys are member keys: an Ed25519 key that signs the prekeys and a
   separate X25519 key for DH1/DH2 (no XEdDSA, no key converted between curves).

@@ -3,7 +3,7 @@
 A code carries the relay URL, the room id, the invite key's private seed and
 the first 16 bytes of the room creator's fingerprint, so the joiner can check
 that the log the relay serves really is the room the facilitator meant
-(docs/protocol.md, "Invite codes"; docs/sections/log.md).
+(docs/sections/invite.md).
 
 Text form::
 

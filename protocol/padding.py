@@ -1,6 +1,6 @@
 """Plaintext padding to size buckets, so ciphertext length leaks only a bucket.
 
-Scheme (docs/protocol.md, "Padding"): append one 0x80 byte, then zero bytes up
+Scheme (docs/sections/encoding.md, "Padding"): append one 0x80 byte, then zero bytes up
 to the bucket size; the bucket is the smallest power of two that is at least
 ``MIN_BUCKET`` and holds the plaintext plus the marker byte. Unpadding strips
 trailing zeros and the marker and refuses anything else. Padding happens

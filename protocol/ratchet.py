@@ -3,7 +3,7 @@
 Follows "The Double Ratchet Algorithm" (Signal, Perrin and Marlinspike,
 revision 4) without header encryption, sections "KDF chains", "Symmetric-key
 ratchet", "Diffie-Hellman ratchet", "Initialization", "Encrypting messages"
-and "Decrypting messages", with the primitives of docs/protocol.md
+and "Decrypting messages", with the primitives of docs/sections/pairwise.md
 ("Pairwise sessions"):
 
 * ``KDF_RK(rk, dh_out)``: ``out = BLAKE2b(key=rk, label="bc-dr-root", dh_out, 64)``;

@@ -1,5 +1,5 @@
 """Safety numbers: a short decimal string two members compare to check each
-other's member keys (``backchannel verify``; docs/sections/log.md, "Safety numbers").
+other's member keys (``backchannel verify``; docs/sections/safety.md).
 
 Derivation, per side, for a member key ``(sign, dh)`` and an optional room id::
 
