@@ -700,6 +700,12 @@ class Client:
             await self._flush_outbox(sock, active)
             for room in active:
                 await sock.send("sub", room=room.room_id, after=room.cursor)
+            for room in active:
+                # Newcomers get our sender key and profile as soon as we are
+                # online, not only when we next speak.
+                await self.sync_log(room)
+                if room.status == "active":
+                    await self._distribute(sock, room)
             yield sock
         finally:
             await sock.close()
