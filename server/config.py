@@ -57,12 +57,19 @@ class Settings(BaseSettings):
 
     # --- limits ---------------------------------------------------------------
     max_frame_bytes: int = Field(
-        256 * 1024, ge=1024, description="Largest WebSocket frame or REST body accepted."
+        256 * 1024, ge=1024, description="Largest WebSocket frame accepted."
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=4096, description="Largest REST request body accepted (prekey uploads)."
     )
     max_message_bytes: int = Field(
         128 * 1024, ge=512, description="Largest room or pairwise message ciphertext."
     )
-    max_event_bytes: int = Field(8 * 1024, ge=512, description="Largest room log event.")
+    max_event_bytes: int = Field(
+        1024,
+        ge=512,
+        description="Largest room log event (never above the protocol's own bound, 1024).",
+    )
     max_log_events: int = Field(10_000, ge=2, description="Longest room log.")
     max_prekeys_per_member: int = Field(
         200, ge=3, description="Most unclaimed prekeys stored for one member key."

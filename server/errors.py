@@ -2,12 +2,14 @@
 
 Route handlers and the WebSocket loop raise :class:`RelayError`; one handler
 turns it into a JSON body (REST) or an ``error`` frame (WebSocket). Protocol
-errors from ``backchannel.protocol`` map to 400/403 through :func:`from_protocol`.
+errors from ``backchannel.protocol`` keep their own ``code`` and get a status
+from :func:`from_protocol`.
 """
 
 from __future__ import annotations
 
 from backchannel.protocol import errors as perr
+from backchannel.protocol import roomlog
 
 
 class RelayError(Exception):
@@ -18,8 +20,23 @@ class RelayError(Exception):
         self.detail = detail or code.replace("_", " ")
 
 
+# First match wins: subclasses before their bases.
+_STATUS: tuple[tuple[type[perr.ProtocolError], int], ...] = (
+    (perr.FieldTooLong, 413),
+    (roomlog.LogFull, 409),
+    (perr.ChainBroken, 409),  # includes DuplicateEvent
+    (perr.ForkDetected, 409),
+    (perr.NotAuthorized, 403),
+    (perr.InvalidInvite, 403),
+    (perr.BadSignature, 403),
+    (perr.MembershipError, 409),  # includes RoomFull
+)
+
+
 def from_protocol(exc: perr.ProtocolError) -> RelayError:
-    status = 403 if isinstance(exc, perr.NotAuthorized | perr.BadSignature) else 400
-    if isinstance(exc, perr.FieldTooLong):
-        status = 413
-    return RelayError(exc.code, status, str(exc))
+    status = 400
+    for kind, code in _STATUS:
+        if isinstance(exc, kind):
+            status = code
+            break
+    return RelayError(exc.code, status, str(exc) or exc.code)

@@ -34,14 +34,36 @@ class Room(Base):
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     retention_seconds: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[int] = mapped_column(Integer)
+    # The validated RoomState after the head (RoomState.to_bytes), so that an
+    # append is checked against it without replaying the whole log.
+    state: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class LogEvent(Base):
     __tablename__ = "log_events"
+    __table_args__ = (UniqueConstraint("room_id", "hash", name="uq_log_event_hash"),)
 
     room_id: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
     pos: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class RoomMember(Base):
+    """Membership as the validated log says, kept beside the state for lookups:
+    who may subscribe, send, read the log (departed members up to ``left_pos``),
+    upload and claim prekeys. ``dh`` is the member's X25519 public key, which a
+    prekey bundle carries. A row is never deleted: ``left_pos`` marks a
+    removal or leave."""
+
+    __tablename__ = "room_members"
+    __table_args__ = (Index("ix_room_members_member", "member"),)
+
+    room_id: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    member: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    dh: Mapped[bytes] = mapped_column(LargeBinary(32))
+    role: Mapped[str] = mapped_column(String(16))
+    left_pos: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class RoomMessage(Base):
@@ -99,6 +121,16 @@ class CreationToken(Base):
 
     token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
     created_at: Mapped[int] = mapped_column(Integer)
+
+
+class SeenNonce(Base):
+    """Nonces of signed REST requests seen within the clock-skew window; shared
+    through the database so a replay is refused by every relay instance."""
+
+    __tablename__ = "seen_nonces"
+
+    nonce: Mapped[bytes] = mapped_column(LargeBinary(16), primary_key=True)
+    expires_at: Mapped[int] = mapped_column(Integer, index=True)
 
 
 class SchemaInfo(Base):

@@ -1,0 +1,186 @@
+"""``backchannel-relay``: serve, purge, admin stats, admin token create.
+
+Settings come from (highest first) the command-line options, the environment
+(``BACKCHANNEL_RELAY_*``) and a TOML file (``--config`` or
+``BACKCHANNEL_RELAY_CONFIG``). Only pipeable data goes to stdout; logs go to
+stderr as JSON lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+from pydantic import ValidationError
+
+from .app import create_app
+from .config import CONFIG_ENV, Settings
+from .logging import configure
+from .store import Store, create_schema, make_engine
+
+app = typer.Typer(
+    help="The backchannel relay: stores and forwards ciphertext for backchannel rooms.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+admin = typer.Typer(help="Operator commands.", no_args_is_help=True)
+token = typer.Typer(help="Room-creation tokens.", no_args_is_help=True)
+app.add_typer(admin, name="admin")
+admin.add_typer(token, name="token")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML settings file (same keys as the settings, lower case)."),
+]
+DatabaseOpt = Annotated[
+    str | None,
+    typer.Option("--database-url", help="SQLAlchemy async URL; default: SQLite in --data-dir."),
+]
+DataDirOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="Directory for the SQLite database.")
+]
+
+
+def _fail(message: str, hint: str | None = None) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    if hint:
+        typer.echo(f"hint: {hint}", err=True)
+    return typer.Exit(2)
+
+
+def load_settings(config: Path | None, **overrides: Any) -> Settings:
+    if config is not None:
+        if not config.is_file():
+            raise _fail(f"config file {config} does not exist")
+        os.environ[CONFIG_ENV] = str(config)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise _fail(f"invalid setting {where}: {first.get('msg')}") from None
+
+
+def uvicorn_config(asgi: Any, settings: Settings) -> uvicorn.Config:
+    """How the relay runs under uvicorn (also used by the tests)."""
+    return uvicorn.Config(
+        asgi,
+        log_config=None,
+        access_log=False,  # it would log client addresses
+        lifespan="on",
+        # Frames up to twice the limit reach the relay, which answers
+        # `frame_too_large`; bigger ones are cut off by the WebSocket layer (1009).
+        ws_max_size=2 * settings.max_frame_bytes,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 8470; 0 picks one).")] = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the relay.
+
+    Example: backchannel-relay serve            (127.0.0.1:8470, SQLite in the data dir)
+    """
+    settings = load_settings(
+        config, host=host, port=port, database_url=database_url, data_dir=data_dir
+    )
+    configure(settings.log_level)
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        raise _fail(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+            "pick another port with --port",
+        ) from None
+    settings = settings.model_copy(update={"port": sock.getsockname()[1]})
+
+    def started() -> None:
+        typer.echo(f"backchannel relay running. Give participants this URL: {settings.origin()}")
+        sys.stdout.flush()
+
+    server = uvicorn.Server(uvicorn_config(create_app(settings, on_started=started), settings))
+    server.run(sockets=[sock])
+
+
+def _store(settings: Settings) -> Store:
+    engine = make_engine(settings.resolved_database_url())
+    return Store(engine, batch_window=0, batch_max=1)
+
+
+async def _with_store(settings: Settings, work: Any) -> Any:
+    store = _store(settings)
+    try:
+        await create_schema(store.engine)
+        return await work(store)
+    finally:
+        await store.engine.dispose()
+
+
+@app.command()
+def purge(
+    database_url: DatabaseOpt = None, data_dir: DataDirOpt = None, config: ConfigOpt = None
+) -> None:
+    """Delete expired ciphertext now and print how much went."""
+    settings = load_settings(config, database_url=database_url, data_dir=data_dir)
+    configure(settings.log_level)
+    counts = asyncio.run(_with_store(settings, lambda s: s.purge()))
+    for name, value in counts.items():
+        typer.echo(f"{name}: {value}")
+
+
+@admin.command("stats")
+def stats(
+    database_url: DatabaseOpt = None, data_dir: DataDirOpt = None, config: ConfigOpt = None
+) -> None:
+    """Print counts (rooms, messages, mailbox items, bytes); nothing that names a room or key."""
+    settings = load_settings(config, database_url=database_url, data_dir=data_dir)
+    configure(settings.log_level)
+    counts = asyncio.run(_with_store(settings, lambda s: s.stats()))
+    for name, value in counts.items():
+        typer.echo(f"{name}: {value}")
+
+
+@token.command("create")
+def token_create(
+    database_url: DatabaseOpt = None, data_dir: DataDirOpt = None, config: ConfigOpt = None
+) -> None:
+    """Issue a one-use room-creation token (stored only as a hash) and print it."""
+    settings = load_settings(config, database_url=database_url, data_dir=data_dir)
+    configure(settings.log_level)
+    value = asyncio.run(_with_store(settings, lambda s: s.create_token()))
+    typer.echo(value)
+    if settings.creation_policy != "token":
+        typer.echo(
+            "hint: creation_policy is 'open', so tokens are not needed; "
+            "set BACKCHANNEL_RELAY_CREATION_POLICY=token to require them",
+            err=True,
+        )
+
+
+def main() -> None:
+    app()

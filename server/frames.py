@@ -1,0 +1,166 @@
+"""WebSocket frames: canonical CBOR maps ``{"v": 1, "t": TYPE, ...}``.
+
+Decoding is strict (the protocol package's :func:`decode` and :class:`Reader`):
+a frame that is not canonical CBOR, has an unknown type, a missing, extra or
+wrongly typed field is a :class:`FrameError` with code ``malformed``; an
+unknown version is ``unsupported_version``; a frame over the size limit is
+``frame_too_large``. Formats are documented in docs/relay-api.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from backchannel.protocol import errors as perr
+from backchannel.protocol.encoding import Reader, Value, decode, encode
+
+FRAME_VERSION: Final = 1
+KEY_SIZE: Final = 32
+SIG_SIZE: Final = 64
+CID_SIZE: Final = 16
+NONCE_SIZE: Final = 32
+#: Hard cap on list lengths in one frame; the configured limits are lower.
+MAX_LIST: Final = 1024
+
+
+class FrameError(Exception):
+    """A frame we cannot act on. ``ref`` names the frame (its type or cid)."""
+
+    def __init__(self, code: str, detail: str, ref: str | bytes | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.ref = ref
+
+
+@dataclass(frozen=True, slots=True)
+class AuthKey:
+    key: bytes
+    sig: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    keys: tuple[AuthKey, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sub:
+    room: bytes
+    after: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unsub:
+    room: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    room: bytes
+    sender: bytes
+    cid: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PSend:
+    room: bytes
+    sender: bytes
+    to: bytes
+    cid: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+ClientFrame = Auth | Sub | Unsub | Send | PSend | Ack | Ping
+
+CLIENT_TYPES: Final = ("auth", "sub", "unsub", "send", "psend", "ack", "ping")
+
+
+def parse_client_frame(data: bytes, *, max_size: int) -> ClientFrame:
+    """Decode one client frame or raise :class:`FrameError`."""
+    try:
+        value = decode(data, max_size=max_size)
+    except perr.FieldTooLong as exc:
+        raise FrameError("frame_too_large", f"frames are limited to {max_size} bytes") from exc
+    except perr.DecodeError as exc:
+        raise FrameError("malformed", "not a canonical CBOR frame") from exc
+    if not isinstance(value, dict):
+        raise FrameError("malformed", "a frame is a map")
+    kind = value.get("t")
+    ref = kind if isinstance(kind, str) and kind in CLIENT_TYPES else None
+    try:
+        r = Reader.of(value, "frame")
+        r.version(FRAME_VERSION)
+        kind = r.text("t", 16)
+        if kind not in CLIENT_TYPES:
+            raise FrameError("malformed", "unknown frame type")
+        frame = _parse(kind, r)
+        r.done()
+        return frame
+    except perr.UnsupportedVersion as exc:
+        raise FrameError("unsupported_version", str(exc), ref) from exc
+    except perr.DecodeError as exc:
+        raise FrameError("malformed", str(exc), ref) from exc
+
+
+def _parse(kind: str, r: Reader) -> ClientFrame:
+    if kind == "auth":
+        keys = []
+        for item in r.array("keys", MAX_LIST):
+            kr = Reader.of(item, "frame.keys")
+            keys.append(AuthKey(kr.blob("key", KEY_SIZE), kr.blob("sig", SIG_SIZE)))
+            kr.done()
+        if not keys:
+            raise perr.DecodeError("auth: no keys")
+        return Auth(tuple(keys))
+    if kind == "sub":
+        return Sub(r.blob("room", KEY_SIZE), r.integer("after", 0))
+    if kind == "unsub":
+        return Unsub(r.blob("room", KEY_SIZE))
+    if kind == "send":
+        return Send(
+            r.blob("room", KEY_SIZE),
+            r.blob("from", KEY_SIZE),
+            r.blob("cid", CID_SIZE),
+            r.blob("data"),
+        )
+    if kind == "psend":
+        return PSend(
+            r.blob("room", KEY_SIZE),
+            r.blob("from", KEY_SIZE),
+            r.blob("to", KEY_SIZE),
+            r.blob("cid", CID_SIZE),
+            r.blob("data"),
+        )
+    if kind == "ack":
+        ids = []
+        for item in r.array("ids", MAX_LIST):
+            if isinstance(item, bool) or not isinstance(item, int) or not 0 < item < 1 << 63:
+                raise perr.DecodeError("ack: ids must be positive integers")
+            ids.append(item)
+        return Ack(tuple(ids))
+    return Ping()
+
+
+def server_frame(kind: str, **fields: Value) -> bytes:
+    """Encode a server frame; ``fields`` with a value of ``None`` are left out."""
+    out: dict[str, Value] = {k: v for k, v in fields.items() if v is not None}
+    out["t"] = kind
+    out["v"] = FRAME_VERSION
+    return encode(out)
+
+
+def error_frame(code: str, detail: str, ref: str | bytes | None = None) -> bytes:
+    return server_frame("error", code=code, detail=detail, ref=ref)

@@ -1,0 +1,84 @@
+"""What the relay keeps and says: no names, titles, plaintext, addresses, keys or ids."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import httpx
+
+from backchannel.server.models import Base
+
+from .conftest import LOG_STREAM, RelayFactory
+from .helpers import TestRoom, WSClient, make_upload, signed_get, upload
+
+#: Every column the relay stores. A new one must be reviewed against DESIGN.md §4
+#: ("only what routing needs") before it is added here.
+EXPECTED_SCHEMA = {
+    "rooms": {"id", "head", "log_len", "last_seq", "retention_seconds", "created_at", "state"},
+    "log_events": {"room_id", "pos", "hash", "data"},
+    "room_members": {"room_id", "member", "dh", "role", "left_pos"},
+    "room_messages": {"room_id", "seq", "sender", "client_id", "data", "created_at"},
+    "mailbox": {"id", "recipient", "sender", "room_id", "client_id", "data", "created_at"},
+    "prekeys": {"member", "kind", "key_id", "data"},
+    "prekey_marks": {"member", "kind", "max_id"},
+    "creation_tokens": {"token_hash", "created_at"},
+    "seen_nonces": {"nonce", "expires_at"},
+    "schema_info": {"id", "version"},
+}
+SUSPICIOUS = ("name", "title", "display", "affiliation", "ip", "addr", "host", "email", "text")
+
+
+def test_schema_has_no_place_for_names_or_plaintext() -> None:
+    actual = {t.name: {c.name for c in t.columns} for t in Base.metadata.sorted_tables}
+    assert actual == EXPECTED_SCHEMA
+    for columns in actual.values():
+        for column in columns:
+            assert not any(word in column.split("_") for word in SUSPICIOUS), column
+
+
+def _spellings(blob: bytes) -> list[str]:
+    return [
+        blob.hex(),
+        blob.hex().upper(),
+        base64.urlsafe_b64encode(blob).rstrip(b"=").decode(),
+        base64.b64encode(blob).rstrip(b"=").decode(),
+    ]
+
+
+async def test_logs_and_database_carry_no_ids_keys_or_addresses(
+    relay_factory: RelayFactory, tmp_path: Path, backend: str
+) -> None:
+    mark = len(LOG_STREAM.getvalue())
+    relay = relay_factory(log_level="debug")
+    async with httpx.AsyncClient(base_url=relay.url) as http:
+        room = await TestRoom.create(http)
+        bob = await room.add_member()
+        await upload(http, make_upload(bob, opk=range(1, 3)))
+        await signed_get(http, relay, bob, f"/v1/rooms/{room.id.hex()}/events")
+        await http.post(f"/v1/rooms/{room.id.hex()}/events", json={"event": "AAAA"})
+        a = await WSClient.connect(relay, [room.facilitator])
+        b = await WSClient.connect(relay, [bob])
+        await b.send_frame("sub", room=room.id, after=0)
+        await b.expect("synced")
+        for _ in range(3):
+            await a.send_msg(room.id, room.facilitator, os.urandom(64))
+        await b.send(b"garbage")
+        await b.expect("error")
+        await room.remove(bob)
+        await b.expect("removed")
+        await a.close()
+        await b.close()
+    await relay.astop()
+    logs = LOG_STREAM.getvalue()[mark:]
+    assert "room.created" in logs
+    assert "ws.authenticated" in logs
+    secrets = [room.id, room.facilitator.public.sign, bob.public.sign, bob.public.dh]
+    for secret in secrets:
+        for spelling in _spellings(secret):
+            assert spelling not in logs
+    assert "127.0.0.1" not in logs
+    if backend == "sqlite":
+        raw = b"".join(p.read_bytes() for p in tmp_path.glob("relay.db*"))
+        assert b"127.0.0.1" not in raw
