@@ -37,7 +37,9 @@ def make_client(home: Path, relay: RelayServer, name: str) -> Client:
 
 
 @pytest.fixture
-async def pair(tmp_path: Path, relay: RelayServer) -> AsyncIterator[tuple[Client, Room, Client, Room]]:
+async def pair(
+    tmp_path: Path, relay: RelayServer
+) -> AsyncIterator[tuple[Client, Room, Client, Room]]:
     fac = make_client(tmp_path / "fac", relay, "Farida")
     ann = make_client(tmp_path / "ann", relay, "Ann")
     room = await fac.create_room("Water talks", L.Rules(mode="chatham"))
@@ -93,7 +95,8 @@ async def test_type_send_receive_and_slash_commands(
         # The reply arrives live; escape sequences and bidi overrides are inert.
         await wait_for(app, pilot, "agreed in principle")
         shown = screen_text(app)
-        assert "\x1b" not in shown and "\u202e" not in shown
+        assert "\x1b" not in shown
+        assert "\u202e" not in shown
         assert "<U+001B>[2J<U+202E>agreed in principle" in shown
         assert "Farida: " in shown
 
