@@ -1,0 +1,186 @@
+"""The client library against a real relay on 127.0.0.1: retention, verification,
+leaving, removal, and an interrupted send that is delivered exactly once."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from backchannel.client import relay as transport
+from backchannel.client.core import Client, ClientError, Room
+from backchannel.client.store import Store
+from backchannel.protocol import primitives as P
+from backchannel.protocol import roomlog as L
+from backchannel.protocol.envelope import RoomEnvelope
+from backchannel.protocol.errors import ProtocolError
+from backchannel.server.config import Settings
+from tests.server.helpers import FakeClock, RelayServer
+
+FAST = {"opslimit": P.ARGON2_OPSLIMIT_MIN, "memlimit": P.ARGON2_MEMLIMIT_MIN}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def relay(tmp_path: Path, clock: FakeClock) -> Iterator[RelayServer]:
+    server = RelayServer(
+        Settings(data_dir=tmp_path, database_url=f"sqlite+aiosqlite:///{tmp_path}/relay.db"),
+        clock,
+    ).start()
+    yield server
+    server.stop()
+
+
+class People:
+    def __init__(self, tmp_path: Path, relay: RelayServer, clock: FakeClock) -> None:
+        self.tmp_path, self.relay, self.clock = tmp_path, relay, clock
+        self.clients: list[Client] = []
+
+    def new(self, name: str) -> Client:
+        store = Store.create(self.tmp_path / name, "pw", **FAST)
+        Client.init_profile(store, self.relay.url, name)
+        client = Client(store, clock=self.clock)
+        self.clients.append(client)
+        return client
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+            client.store.close()
+
+
+@pytest.fixture
+async def people(tmp_path: Path, relay: RelayServer, clock: FakeClock) -> AsyncIterator[People]:
+    out = People(tmp_path, relay, clock)
+    yield out
+    await out.close()
+
+
+async def online(client: Client, room: Room) -> None:
+    async with client.connect([room]) as sock:
+        await client.pump(sock, [room], idle=0.3)
+        await client.retry_stash(room)
+
+
+async def say(client: Client, room: Room, text: str) -> None:
+    async with client.connect([room]) as sock:
+        await client.pump(sock, [room], idle=0.3)
+        await client.send_text(sock, room, text)
+
+
+def heard(client: Client, room: Room) -> list[str]:
+    return [line.text for line in client.lines(room) if line.kind == "message"]
+
+
+async def room_with(people: People, *names: str, rules: L.Rules | None = None):  # type: ignore[no-untyped-def]
+    fac = people.new("fac")
+    room = await fac.create_room("t", rules or L.Rules())
+    joined = {}
+    for name in names:
+        client = people.new(name)
+        code = await fac.invite(room, "participant", 3600, 1)
+        joined[name] = (client, await client.join(code, accept_rules=lambda r: True))
+    for client, r in [(fac, room), *joined.values(), (fac, room)]:
+        await online(client, r)
+    return fac, room, joined
+
+
+async def test_retention_deletes_on_the_relay_and_on_clients(
+    people: People, relay: RelayServer, clock: FakeClock
+) -> None:
+    fac, room, joined = await room_with(people, "ann", rules=L.Rules(retention=60))
+    ann, ann_room = joined["ann"]
+    await say(fac, room, "this should not outlive the hour")
+    await online(ann, ann_room)
+    assert heard(ann, ann_room) == ["this should not outlive the hour"]
+    clock.advance(120)
+    purged = relay.call(relay.store.purge())
+    assert purged["room_messages"] == 1
+    assert heard(ann, ann_room) == []
+    assert heard(fac, room) == []
+    # Nothing comes back from the relay either: a fresh subscription from 0 is empty.
+    ann_room.cursor = 0
+    await online(ann, ann_room)
+    assert heard(ann, ann_room) == []
+
+
+async def test_safety_numbers_match_and_verification_is_recorded(people: People) -> None:
+    fac, room, joined = await room_with(people, "ann")
+    ann, ann_room = joined["ann"]
+    fac_view_of_ann = fac.member(room, "ann")
+    ann_view_of_fac = ann.member(ann_room, "fac")
+    assert fac.safety(room, fac_view_of_ann) == ann.safety(ann_room, ann_view_of_fac)
+    assert not fac_view_of_ann.verified
+    fac.mark_verified(room, fac_view_of_ann)
+    assert fac.member(room, "ann").verified
+
+
+async def test_removed_member_cannot_open_what_is_sent_afterwards(
+    people: People, relay: RelayServer
+) -> None:
+    fac, room, joined = await room_with(people, "ann", "bob")
+    ann, ann_room = joined["ann"]
+    bob, bob_room = joined["bob"]
+    await say(fac, room, "before")
+    await online(bob, bob_room)
+    assert heard(bob, bob_room) == ["before"]
+
+    await fac.remove(room, bob_room.me)
+    await say(fac, room, "after the removal")
+    await online(ann, ann_room)
+    assert "after the removal" in heard(ann, ann_room)
+
+    # Even if a relay handed Bob the new ciphertext, he holds no key for it.
+    stored = relay.call(relay.store.room_messages_after(room.room_id, 0, 100))
+    latest = RoomEnvelope.from_bytes(stored[-1].data)
+    assert latest.generation == 1  # the facilitator rotated
+    bob_keys = bob._inbound(bob_room)
+    assert (latest.sender, latest.generation) not in bob_keys
+    for key in bob_keys.values():
+        with pytest.raises(ProtocolError):
+            key.open(latest)
+    await online(bob, bob_room)
+    assert bob_room.status == "removed"
+    assert "after the removal" not in heard(bob, bob_room)
+    with pytest.raises(ClientError, match="no longer a member"):
+        await say(bob, bob_room, "hello?")
+
+
+async def test_leaving_rotates_everyone_elses_keys(people: People) -> None:
+    fac, room, joined = await room_with(people, "ann")
+    ann, ann_room = joined["ann"]
+    await ann.leave(ann_room)
+    assert ann_room.status == "left"
+    await online(fac, room)
+    notices = [line.text for line in fac.lines(room) if line.kind == "notice"]
+    assert any("left" in text and "rotated" in text for text in notices)
+
+
+async def test_interrupted_send_is_delivered_exactly_once(
+    people: People, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fac, room, joined = await room_with(people, "ann")
+    ann, ann_room = joined["ann"]
+    real_request = transport.RelaySocket.request
+
+    async def cut(self: transport.RelaySocket, kind: str, **fields: object) -> object:
+        if kind == "send":
+            await self.close()  # the connection drops after the message was sealed and stored
+            raise transport.RelayError("disconnected", "the connection to the relay closed")
+        return await real_request(self, kind, **fields)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transport.RelaySocket, "request", cut)
+    with pytest.raises(transport.RelayError):
+        await say(fac, room, "sealed before the cut")
+    assert len(fac.store.values("outbox")) == 1
+    monkeypatch.setattr(transport.RelaySocket, "request", real_request)
+    await online(fac, room)  # reconnecting sends the outbox
+    assert fac.store.values("outbox") == []
+    await online(fac, room)  # a second flush finds nothing to resend
+    await online(ann, ann_room)
+    assert heard(ann, ann_room) == ["sealed before the cut"]
