@@ -191,6 +191,8 @@ class Client:
         self._http: dict[str, RelayHttp] = {}
         self.notices: list[tuple[bytes, str]] = []
         self.on_line: Callable[[Room, Line], None] | None = None
+        # Disappearing messages: lapsed local copies go as soon as the profile is opened.
+        store.purge_expired(self.now())
 
     # --- profile -------------------------------------------------------------------------
 
@@ -578,6 +580,24 @@ class Client:
         upload = PreKeyUpload(member=room.key.public, prekeys=[p for p, _ in made])
         await self.http(room.relay).upload_prekeys(upload.to_bytes())
 
+    async def replenish_prekeys(self, room: Room) -> None:
+        """Top up one-time prekeys on the relay when others have used most of them."""
+        upload = PreKeyUpload(member=room.key.public, prekeys=[])
+        try:
+            counts = (await self.http(room.relay).upload_prekeys(upload.to_bytes()))["counts"]
+            opk, kem = int(counts.get("opk", 0)), int(counts.get("kem", 0))
+            if min(opk, kem) < REPLENISH_BELOW:
+                await self._upload_prekeys(
+                    room,
+                    fresh=False,
+                    opk=max(0, ONE_TIME_PREKEYS - opk),
+                    kem=max(0, KEM_PREKEYS - kem),
+                )
+        except RelayError as exc:
+            # Sessions still open without one-time prekeys (the last-resort KEM
+            # prekey and the signed prekey remain); try again next time.
+            self._warn(room, f"could not top up prekeys ({exc.code})")
+
     # --- sender keys ---------------------------------------------------------------------------
 
     def _new_sender_key(self, room: Room, since: int) -> None:
@@ -706,6 +726,7 @@ class Client:
                 await self.sync_log(room)
                 if room.status == "active":
                     await self._distribute(sock, room)
+                    await self.replenish_prekeys(room)
             yield sock
         finally:
             await sock.close()

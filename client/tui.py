@@ -13,6 +13,7 @@ import contextlib
 from datetime import datetime
 
 from rich.text import Text
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -94,28 +95,35 @@ class ChatApp(App[None]):
 
     @work(exclusive=True)
     async def pump(self) -> None:
-        delay = 1.0
-        while True:
-            try:
-                async with self.client.connect([self.room]) as sock:
-                    self.sock = sock
-                    self._status("connected")
-                    delay = 1.0
-                    async with self._lock:
-                        await self.client.pump(sock, [self.room], idle=0.3)
-                        await self.client.retry_stash(self.room)
-                    while True:
-                        frame = await sock.recv()
-                        async with self._lock:
-                            await self.client.handle_frame(
-                                sock, {self.room.room_id: self.room}, frame
-                            )
-                        self._refresh_members()
-            except (RelayError, OSError) as exc:
-                self.sock = None
-                self._status(f"disconnected ({inert(str(exc), limit=60)}); retrying in {delay:g}s")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        """Stay connected: on any drop, reconnect with exponential backoff (capped at
+        30 s) and catch up from the room's cursor."""
+        retrying = AsyncRetrying(
+            wait=wait_exponential(multiplier=1, min=1, max=30),
+            retry=retry_if_exception_type((RelayError, OSError)),
+            before_sleep=self._disconnected,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._session()
+
+    def _disconnected(self, state: RetryCallState) -> None:
+        self.sock = None
+        error = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0
+        self._status(f"disconnected ({inert(str(error), limit=60)}); retrying in {wait:.0f}s")
+
+    async def _session(self) -> None:
+        async with self.client.connect([self.room]) as sock:
+            self.sock = sock
+            self._status("connected")
+            async with self._lock:
+                await self.client.pump(sock, [self.room], idle=0.3)
+                await self.client.retry_stash(self.room)
+            while True:
+                frame = await sock.recv()
+                async with self._lock:
+                    await self.client.handle_frame(sock, {self.room.room_id: self.room}, frame)
+                self._refresh_members()
 
     def _status(self, text: str) -> None:
         with contextlib.suppress(Exception):

@@ -14,6 +14,7 @@ from backchannel.client.store import Store
 from backchannel.protocol import primitives as P
 from backchannel.protocol import roomlog as L
 from backchannel.protocol.envelope import RoomEnvelope
+from backchannel.protocol.keys import PreKeyUpload
 from backchannel.protocol.errors import ProtocolError
 from backchannel.server.config import Settings
 from tests.server.helpers import FakeClock, RelayServer
@@ -184,3 +185,24 @@ async def test_interrupted_send_is_delivered_exactly_once(
     await online(fac, room)  # a second flush finds nothing to resend
     await online(ann, ann_room)
     assert heard(ann, ann_room) == ["sealed before the cut"]
+
+
+async def test_one_time_prekeys_are_replenished(people: People) -> None:
+    fac, room, joined = await room_with(people, "ann")
+    http = fac.http(room.relay)
+    member = room.key.public
+
+    async def available() -> dict[str, int]:
+        empty = PreKeyUpload(member=member, prekeys=[]).to_bytes()
+        counts: dict[str, int] = (await http.upload_prekeys(empty))["counts"]
+        return counts
+
+    before = await available()
+    assert before["opk"] > 0
+    # Others claim every one-time prekey (as many peers, or a hostile relay, would).
+    signer = joined["ann"][1].key.sign_seed
+    for _ in range(before["opk"]):
+        await http.claim(member.sign, signer)
+    assert (await available())["opk"] == 0
+    await online(fac, room)
+    assert (await available())["opk"] >= 5
