@@ -331,7 +331,7 @@ class Client:
         log.append(event)
         room = Room(
             room_id=code.room_id,
-            name=self._local_name("room"),
+            name=self._local_name(f"room-{code.room_id.hex()[:6]}"),
             title="",
             relay=code.relay_url,
             key=key,
