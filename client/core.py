@@ -24,7 +24,7 @@ from typing import Any, Literal
 from backchannel.protocol import primitives as P
 from backchannel.protocol import roomlog as L
 from backchannel.protocol.encoding import Value, decode, encode
-from backchannel.protocol.envelope import RoomEnvelope, check_epoch
+from backchannel.protocol.envelope import NotInEpoch, RoomEnvelope, check_epoch
 from backchannel.protocol.errors import (
     DuplicateMessage,
     ForkDetected,
@@ -822,16 +822,20 @@ class Client:
             await sock.send("ack", ids=[item])
             return
         data = _b(frame["data"])
-        with self.store.transaction():
-            try:
+        try:
+            # Session state and what the message carried commit together, or not at all.
+            with self.store.transaction():
                 plaintext = self._decrypt_pairwise(room, member.key, data)
-                self._on_payload(room, member.key.sign, plaintext)
-            except ProtocolError as exc:
-                self._warn(
-                    room,
-                    f"a pairwise message from {self.display_name(room, sender)} "
-                    f"was refused ({exc.code})",
-                )
+                kind = self._on_payload(room, member.key.sign, plaintext)
+        except (ProtocolError, ValueError, KeyError, TypeError) as exc:
+            code = exc.code if isinstance(exc, ProtocolError) else "malformed"
+            self._warn(
+                room,
+                f"a pairwise message from {self.display_name(room, sender)} was refused ({code})",
+            )
+        else:
+            if kind == "keys":
+                await self.retry_stash(room)  # messages that waited for this key
         await sock.send("ack", ids=[item])
 
     def _decrypt_pairwise(self, room: Room, peer: MemberPublicKey, data: bytes) -> bytes:
@@ -851,7 +855,7 @@ class Client:
         self._save_sessions(room, peer.sign, [*sessions, accepted.session])
         return accepted.plaintext
 
-    def _on_payload(self, room: Room, sender: bytes, plaintext: bytes) -> None:
+    def _on_payload(self, room: Room, sender: bytes, plaintext: bytes) -> str:
         value = decode(plaintext)
         if not isinstance(value, dict):
             raise ProtocolError("pairwise payload is not a map")
@@ -881,7 +885,7 @@ class Client:
             if (
                 isinstance(title, str)
                 and not room.title
-                and room.state.role_of(sender) == ("facilitator")
+                and room.state.role_of(sender) == "facilitator"
             ):
                 room.title = _clip(title, 200)
                 self._save(room)
@@ -895,6 +899,7 @@ class Client:
                     "to": room.me,
                 },
             )
+        return str(kind)
 
     async def _on_room_message(self, room: Room, frame: Frame) -> None:
         seq = _i(frame["seq"])
@@ -909,10 +914,10 @@ class Client:
                 verdict = check_epoch(room.log, envelope, room.me)
                 if verdict == "ahead":
                     raise ForkDetected("message names a log position the relay does not show us")
+        except NotInEpoch:
+            self._advance(room, seq)  # from before we joined: not ours to read
+            return
         except NotAuthorized as exc:
-            if envelope_for_me_later(exc):
-                self._advance(room, seq)
-                return
             self._warn(room, f"a room message was refused ({exc})")
             self._advance(room, seq)
             return
@@ -992,11 +997,6 @@ class Client:
         self.store.delete("stash", room.room_id)
         for item in _list(decode(data, max_size=256 << 20)):
             await self._on_room_message(room, Frame("msg", {"seq": 0, "data": item}))
-
-
-def envelope_for_me_later(exc: NotAuthorized) -> bool:
-    # Messages from before we joined are not ours to read; not an attack.
-    return "does not include us" in str(exc)
 
 
 def _clip(text: str, limit: int) -> str:

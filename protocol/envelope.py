@@ -40,6 +40,13 @@ MAX_CIPHERTEXT_SIZE: Final = padding.MAX_BUCKET + P.AEAD_TAG_SIZE
 MAX_ENVELOPE_SIZE: Final = MAX_CIPHERTEXT_SIZE + 512
 
 
+class NotInEpoch(NotAuthorized):
+    """The message was sent under an epoch that does not include the reader
+    (from before it joined, or after it left): not an attack, not ours to read."""
+
+    code = "not_in_epoch"
+
+
 @dataclass(frozen=True, slots=True)
 class RoomEnvelope:
     """One room message as it travels and is stored.
@@ -135,5 +142,5 @@ def check_epoch(log: RoomLog, envelope: RoomEnvelope, reader: bytes) -> Literal[
     if role == "observer":
         raise NotAuthorized("observers do not post")
     if reader not in state.members:
-        raise NotAuthorized("the message's epoch does not include us")
+        raise NotInEpoch("the message's epoch does not include us")
     return "ok"
