@@ -68,6 +68,31 @@ def ws_url(url: str) -> str:
     return f"{scheme}://{parts.netloc}/v1/ws"
 
 
+def signed_request_headers(
+    seed: bytes,
+    origin: str,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    *,
+    now: int | None = None,
+    nonce: bytes | None = None,
+) -> dict[str, str]:
+    """The four ``X-BC-*`` headers that prove possession of the Ed25519 key ``seed``
+    for one request (docs/relay-api.md, "Authentication")."""
+    ts = int(time.time()) if now is None else now
+    nonce = P.random_bytes(relayauth.REQUEST_NONCE_SIZE) if nonce is None else nonce
+    sig = relayauth.sign_request(
+        seed, origin=origin, method=method, path=path, body=body, timestamp=ts, nonce=nonce
+    )
+    return {
+        "X-BC-Key": P.ed25519_public(seed).hex(),
+        "X-BC-Time": str(ts),
+        "X-BC-Nonce": b64(nonce),
+        "X-BC-Sig": b64(sig),
+    }
+
+
 class RelayHttp:
     """REST calls, signed where the relay asks for proof of a key."""
 
@@ -90,23 +115,7 @@ class RelayHttp:
         content = b"" if body is None else httpx.Request("POST", "/", json=body).content
         headers = {"content-type": "application/json"} if body is not None else {}
         if signer is not None:
-            ts = int(time.time())
-            nonce = P.random_bytes(relayauth.REQUEST_NONCE_SIZE)
-            sig = relayauth.sign_request(
-                signer,
-                origin=self.origin,
-                method=method,
-                path=path,
-                body=content,
-                timestamp=ts,
-                nonce=nonce,
-            )
-            headers |= {
-                "X-BC-Key": P.ed25519_public(signer).hex(),
-                "X-BC-Time": str(ts),
-                "X-BC-Nonce": b64(nonce),
-                "X-BC-Sig": b64(sig),
-            }
+            headers |= signed_request_headers(signer, self.origin, method, path, content)
         try:
             response = await self._http.request(method, path, content=content, headers=headers)
         except httpx.TransportError as exc:

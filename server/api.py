@@ -152,6 +152,7 @@ async def create_room(body: CreateRoom, store: StoreDep, settings: SettingsDep) 
         limits=log_limits(settings),
         token=body.token,
         need_token=settings.creation_policy == "token",
+        skew=settings.clock_skew_seconds,
     )
     if appended.fresh:
         log.info("room.created")

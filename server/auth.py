@@ -6,37 +6,30 @@ A signed REST request carries four headers:
 ``X-BC-Time``   unix seconds
 ``X-BC-Nonce``  base64url (no padding) of 16 random bytes
 ``X-BC-Sig``    base64url Ed25519 signature over
-                ``signing_input("relay-request", encode([origin, METHOD, path_with_query,
-                BLAKE2b-256(body), time, nonce]))``
+                ``protocol.relayauth.request_bytes(origin, METHOD, path_with_query,
+                body, time, nonce)``
 
 The relay refuses a time outside ±``clock_skew_seconds`` (``stale_request``),
 a nonce it has seen in that window (``replayed_request``; seen nonces live in
 the database so every instance refuses them) and a bad signature
-(``bad_signature``), all with 401. :func:`request_headers` builds the headers
-for clients and tests.
+(``bad_signature``), all with 401. The client's
+``signed_request_headers`` builds the headers.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import time
-from collections.abc import Callable
 
 from starlette.requests import Request
 
 from backchannel.protocol import errors as perr
 from backchannel.protocol import primitives as P
 from backchannel.protocol import relayauth
-from backchannel.protocol.encoding import encode
-from backchannel.protocol.keys import signing_input
 
 from .errors import RelayError
 
-REQUEST_CONTEXT = "relay-request"
-REQUEST_NONCE_SIZE = 16
-
-Signer = Callable[[str, bytes], bytes]
+REQUEST_NONCE_SIZE = relayauth.REQUEST_NONCE_SIZE
 
 
 def b64e(data: bytes) -> str:
@@ -50,44 +43,6 @@ def b64d(text: str, what: str = "value") -> bytes:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise RelayError("malformed", 400, f"{what} must be unpadded base64url") from exc
-
-
-def body_hash(body: bytes) -> bytes:
-    return P.hash_bytes(relayauth.LABEL_BODY, body, 32)
-
-
-def request_message(
-    origin: str, method: str, path: str, body: bytes, when: int, nonce: bytes
-) -> bytes:
-    return encode([origin, method.upper(), path, body_hash(body), when, nonce])
-
-
-def request_headers(
-    sign: Signer,
-    public_key: bytes,
-    origin: str,
-    method: str,
-    path: str,
-    body: bytes = b"",
-    *,
-    now: int | None = None,
-    nonce: bytes | None = None,
-) -> dict[str, str]:
-    """Headers for a signed request; ``sign(context, message)`` as MemberKeyPair.sign."""
-    when = int(time.time()) if now is None else now
-    nonce = P.random_bytes(REQUEST_NONCE_SIZE) if nonce is None else nonce
-    sig = sign(REQUEST_CONTEXT, request_message(origin, method, path, body, when, nonce))
-    return {
-        "X-BC-Key": public_key.hex(),
-        "X-BC-Time": str(when),
-        "X-BC-Nonce": b64e(nonce),
-        "X-BC-Sig": b64e(sig),
-    }
-
-
-def seed_signer(seed: bytes) -> Signer:
-    """A signer for a bare Ed25519 seed (an invite key)."""
-    return lambda context, message: P.ed25519_sign(seed, signing_input(context, message))
 
 
 def path_with_query(request: Request) -> str:
@@ -113,11 +68,17 @@ async def verify_request(request: Request) -> bytes:
     if abs(now - when) > settings.clock_skew_seconds:
         raise RelayError("stale_request", 401, "X-BC-Time is too far from the relay's clock")
     body = await request.body()
-    message = request_message(
-        settings.origin(), request.method, path_with_query(request), body, when, nonce
-    )
     try:
-        P.ed25519_verify(key, signing_input(REQUEST_CONTEXT, message), sig)
+        relayauth.verify_request(
+            key,
+            sig,
+            origin=settings.origin(),
+            method=request.method,
+            path=path_with_query(request),
+            body=body,
+            timestamp=when,
+            nonce=nonce,
+        )
     except (perr.ProtocolError, ValueError) as exc:
         raise RelayError("bad_signature", 401, "the request signature does not verify") from exc
     if not await store.remember_nonce(nonce, when + settings.clock_skew_seconds + 1):

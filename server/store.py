@@ -305,8 +305,21 @@ class Store:
 
     # --- the room log ---------------------------------------------------------------
 
+    def _check_not_future(self, event: roomlog.Event, skew: int) -> None:
+        # The log only requires times never to decrease, so one far-future event
+        # would force every later event to carry that time and make every
+        # invite look expired: the relay holds every event to its own clock.
+        if event.ts > int(self.clock()) + skew:
+            raise RelayError("stale_event", 400, "event time is ahead of the relay's clock")
+
     async def create_room(
-        self, data: bytes, *, limits: roomlog.LogLimits, token: str | None, need_token: bool
+        self,
+        data: bytes,
+        *,
+        limits: roomlog.LogLimits,
+        token: str | None,
+        need_token: bool,
+        skew: int,
     ) -> Appended:
         try:
             state = roomlog.apply_event(None, data, limits=limits)
@@ -314,6 +327,7 @@ class Store:
             raise from_protocol(exc) from exc
         event = roomlog.decode_event(data, max_size=limits.max_event_size)
         assert isinstance(event, roomlog.CreateEvent)
+        self._check_not_future(event, skew)
 
         async def run(session: AsyncSession) -> Appended:
             existing = await session.scalar(
@@ -407,6 +421,7 @@ class Store:
             new = roomlog.apply_event(state, data, limits=limits)
         except perr.ProtocolError as exc:
             raise from_protocol(exc) from exc
+        self._check_not_future(event, skew)
         now = int(self.clock())
         if isinstance(event, roomlog.JoinEvent):
             # apply_event has no clock; the relay holds joins to its own.

@@ -22,8 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from backchannel.protocol import errors as perr
 from backchannel.protocol import primitives as P
-from backchannel.protocol.encoding import encode
-from backchannel.protocol.keys import signing_input
+from backchannel.protocol import relayauth
 
 from . import frames as F
 from .errors import RelayError
@@ -36,18 +35,12 @@ if TYPE_CHECKING:
 
 log = get_logger("backchannel.relay.ws")
 
-AUTH_CONTEXT = "relay-auth"
 CLOSE_UNSUPPORTED = 1003
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_LATER = 1013
 #: Failed or premature frames tolerated before authentication.
 PRE_AUTH_STRIKES = 3
-
-
-def auth_message(origin: str, nonce: bytes) -> bytes:
-    """What a client signs (context ``relay-auth``) to prove it holds a member key."""
-    return encode([origin, nonce])
 
 
 @dataclass(slots=True)
@@ -243,10 +236,9 @@ class Connection:
                 "auth",
             )
             return False
-        message = signing_input(AUTH_CONTEXT, auth_message(self.origin, self.nonce))
         try:
             for item in frame.keys:
-                P.ed25519_verify(item.key, message, item.sig)
+                relayauth.verify_challenge(item.key, self.origin, self.nonce, item.sig)
         except (perr.ProtocolError, ValueError):
             await self.error("bad_signature", "a key's signature does not verify", "auth")
             return False
@@ -284,10 +276,9 @@ class Connection:
             self._spawn(self._ack(frame))
 
     async def _sub(self, frame: F.Sub) -> None:
+        # Subscriptions a departure ended no longer count.
+        self.subs = {room: sub for room, sub in self.subs.items() if sub.active}
         old = self.subs.get(frame.room)
-        if old is not None and not old.active:
-            del self.subs[frame.room]
-            old = None
         if old is None and len(self.subs) >= self.settings.max_subscriptions:
             await self.error(
                 "too_many_subscriptions",
@@ -297,24 +288,24 @@ class Connection:
             return
         if old is not None:
             self.hub.unsubscribe(old)
-            del self.subs[frame.room]
         # Register first, then check: a removal committed after the check still
         # finds (and ends) this subscription.
         sub = Subscription(
             room=frame.room, conn=self, next_seq=frame.after + 1, candidates=frozenset(self.keys)
         )
+        self.subs[frame.room] = sub
         self.hub.subscribe(sub)
         key = await self.store.current_member_among(frame.room, sorted(self.keys))
         if not sub.active:
             return  # a departure ended it while we checked; `removed` is on its way
         if key is None:
             self.hub.unsubscribe(sub)
+            del self.subs[frame.room]
             await self.error(
                 "not_authorized", "no key here is a current member of that room", "sub"
             )
             return
         sub.key = key
-        self.subs[frame.room] = sub
         await self.put(CatchUp(sub))
 
     async def _send(self, frame: F.Send | F.PSend) -> None:

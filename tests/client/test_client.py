@@ -14,8 +14,8 @@ from backchannel.client.store import Store
 from backchannel.protocol import primitives as P
 from backchannel.protocol import roomlog as L
 from backchannel.protocol.envelope import RoomEnvelope
-from backchannel.protocol.keys import PreKeyUpload
 from backchannel.protocol.errors import ProtocolError
+from backchannel.protocol.keys import PreKeyUpload
 from backchannel.server.config import Settings
 from tests.server.helpers import FakeClock, RelayServer
 

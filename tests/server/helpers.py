@@ -23,7 +23,8 @@ import httpx
 import uvicorn
 import websockets
 
-from backchannel.protocol import roomlog
+from backchannel.client.relay import signed_request_headers
+from backchannel.protocol import relayauth, roomlog
 from backchannel.protocol.encoding import decode, encode
 from backchannel.protocol.keys import (
     MemberKeyPair,
@@ -32,10 +33,9 @@ from backchannel.protocol.keys import (
     generate_x25519_prekey,
 )
 from backchannel.server.app import create_app
-from backchannel.server.auth import b64d, b64e, request_headers, seed_signer
+from backchannel.server.auth import b64d, b64e
 from backchannel.server.cli import bind, uvicorn_config
 from backchannel.server.config import Settings
-from backchannel.server.ws import AUTH_CONTEXT, auth_message
 
 POSTGRES_ENV = "BACKCHANNEL_TEST_POSTGRES_URL"
 
@@ -125,15 +125,8 @@ def signed_headers(
     **kwargs: Any,
 ) -> dict[str, str]:
     """Headers signed by a member key pair, or by a bare invite seed (bytes)."""
-    if isinstance(signer, MemberKeyPair):
-        return request_headers(
-            signer.sign, signer.public.sign, origin, method, path, body, **kwargs
-        )
-    from backchannel.protocol import primitives as P
-
-    return request_headers(
-        seed_signer(signer), P.ed25519_public(signer), origin, method, path, body, **kwargs
-    )
+    seed = signer.sign_seed if isinstance(signer, MemberKeyPair) else signer
+    return signed_request_headers(seed, origin, method, path, body, **kwargs)
 
 
 async def signed_get(
@@ -165,8 +158,10 @@ def frame(t: str, **fields: Any) -> bytes:
 
 
 def auth_frame(keys: list[MemberKeyPair], origin: str, nonce: bytes) -> bytes:
-    message = auth_message(origin, nonce)
-    items = [{"key": k.public.sign, "sig": k.sign(AUTH_CONTEXT, message)} for k in keys]
+    items = [
+        {"key": k.public.sign, "sig": relayauth.sign_challenge(k.sign_seed, origin, nonce)}
+        for k in keys
+    ]
     return frame("auth", keys=items)
 
 

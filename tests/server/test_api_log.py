@@ -342,3 +342,26 @@ async def test_event_too_long(http: httpx.AsyncClient) -> None:
     assert r.status_code == 413
     assert code(r) == "too_long"
     await room.invite()
+
+
+async def test_future_dated_events_are_refused(http: httpx.AsyncClient) -> None:
+    """One far-future event would force every later event to carry that time and
+    make every invite look expired (a denial of joins): the relay's clock bounds
+    every event, not only joins."""
+    far = now() + 10 * 365 * 86_400
+    facilitator = MemberKeyPair.generate()
+    create = roomlog.make_create(facilitator, roomlog.Rules(), far)
+    r = await http.post("/v1/rooms", json={"event": b64e(create)})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "stale_event"
+
+    room = await TestRoom.create(http)
+    member = await room.add_member()
+    length = room.state.length
+    leave = roomlog.make_leave(member, room.state, far)
+    r = await room.post(leave)
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "stale_event"
+    # Nothing was stored, and the room still admits people.
+    assert room.state.length == length
+    await room.add_member()

@@ -8,8 +8,8 @@ import httpx
 import pytest
 import websockets
 
+from backchannel.protocol import relayauth
 from backchannel.protocol.keys import MemberKeyPair
-from backchannel.server.ws import AUTH_CONTEXT, auth_message
 
 from .conftest import RelayFactory
 from .helpers import RelayServer, TestRoom, WSClient, auth_frame, closed_with, frame
@@ -32,7 +32,7 @@ async def test_auth_ready_and_fresh_challenge(relay: RelayServer) -> None:
 async def test_wrong_key_signature(relay: RelayServer) -> None:
     a, b = MemberKeyPair.generate(), MemberKeyPair.generate()
     client = await WSClient.connect(relay)
-    sig = b.sign(AUTH_CONTEXT, auth_message(client.origin, client.nonce))
+    sig = relayauth.sign_challenge(b.sign_seed, client.origin, client.nonce)
     await client.send_frame("auth", keys=[{"key": a.public.sign, "sig": sig}])
     err = await client.expect("error")
     assert err["code"] == "bad_signature"
