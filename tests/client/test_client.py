@@ -206,3 +206,38 @@ async def test_one_time_prekeys_are_replenished(people: People) -> None:
     assert (await available())["opk"] == 0
     await online(fac, room)
     assert (await available())["opk"] >= 5
+
+
+async def test_anonymous_rooms_share_no_names(people: People) -> None:
+    from backchannel.client.cli import render_export
+    from backchannel.client.core import pseudonym
+
+    fac, room, joined = await room_with(people, "ann", rules=L.Rules(mode="anonymous"))
+    ann, ann_room = joined["ann"]
+    await say(ann, ann_room, "speaking freely")
+    await online(fac, room)
+    view = fac.member(room, pseudonym(room.room_id, ann_room.me))
+    assert view.name == pseudonym(room.room_id, ann_room.me)
+    assert view.affiliation is None
+    # The name never travelled: the facilitator's store has no trace of it.
+    assert fac._peers(room).get(ann_room.me, {}).get("name") is None
+    lines = [line for line in fac.lines(room) if line.kind == "message"]
+    assert fac.display_name(room, lines[0].sender or b"") == view.name
+    # Every client derives the same pseudonym.
+    assert ann.display_name(ann_room, ann_room.me) == "you"
+    assert pseudonym(ann_room.room_id, ann_room.me) == view.name
+    exported = render_export(fac, room, "json")
+    assert "speaking freely" in exported
+    assert view.name not in exported
+    assert "ann" not in exported
+
+
+async def test_attributed_export_keeps_names(people: People) -> None:
+    from backchannel.client.cli import render_export
+
+    fac, room, joined = await room_with(people, "ann", rules=L.Rules(mode="attributed"))
+    ann, ann_room = joined["ann"]
+    await say(ann, ann_room, "on the record")
+    await online(fac, room)
+    exported = render_export(fac, room, "md")
+    assert "**ann**: on the record" in exported

@@ -240,3 +240,30 @@ def test_errors_are_one_line_without_tracebacks(tmp_path: Path, relay: RelayServ
     unreachable = dead.run("room", "create", "t", ok=False)
     assert unreachable.returncode != 0
     assert "cannot reach the relay" in unreachable.stderr
+
+
+def test_verify_and_wipe(tmp_path: Path, relay: RelayServer) -> None:
+    fac, ann = Person(tmp_path / "fac", relay), Person(tmp_path / "ann", relay)
+    fac.run("init", "--relay", relay.url, "--name", "Farida")
+    ann.run("init", "--relay", relay.url, "--name", "Ann")
+    room = fac.out("room", "create", "t")
+    ann_room = ann.out("join", fac.out("invite", room), "--accept-rules")
+    ann.run("read", ann_room)  # comes online: sends its key and profile
+    fac.run("read", room)  # receives Ann's, sends its own
+    ann.run("read", ann_room)
+    number = fac.out("verify", room, "Ann", "--confirm")
+    assert number == ann.out("verify", ann_room, "Farida")  # the same on both sides
+    assert len(number.replace(" ", "")) == 60
+    members = {m["name"]: m for m in json.loads(fac.out("members", room, "--json"))}
+    assert members["Ann"]["verified"] is True
+    assert not {m["name"]: m for m in json.loads(ann.out("members", ann_room, "--json"))}["Farida"][
+        "verified"
+    ]
+
+    refused = ann.run("wipe", ok=False)  # not on a terminal: needs --yes
+    assert refused.returncode != 0
+    ann.run("wipe", "--yes")
+    assert not list((tmp_path / "ann").glob("state.db*"))
+    gone = ann.run("rooms", ok=False)
+    assert gone.returncode != 0
+    assert "no profile" in gone.stderr
