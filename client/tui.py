@@ -112,17 +112,32 @@ class ChatApp(App[None]):
         wait = state.next_action.sleep if state.next_action else 0
         self._status(f"disconnected ({inert(str(error), limit=60)}); retrying in {wait:.0f}s")
 
+    def _rooms_on_this_relay(self) -> list[Room]:
+        # One connection per relay carries every active room there, so unread
+        # counts of the other rooms stay current.
+        others = [
+            r
+            for r in self.client.rooms()
+            if r.relay == self.room.relay
+            and r.status == "active"
+            and r.room_id != self.room.room_id
+        ]
+        return [self.room, *others]
+
     async def _session(self) -> None:
-        async with self.client.connect([self.room]) as sock:
+        rooms = self._rooms_on_this_relay()
+        by_id = {r.room_id: r for r in rooms}
+        async with self.client.connect(rooms) as sock:
             self.sock = sock
             self._status("connected")
             async with self._lock:
-                await self.client.pump(sock, [self.room], idle=0.3)
-                await self.client.retry_stash(self.room)
+                await self.client.pump(sock, rooms, idle=0.3)
+                for room in rooms:
+                    await self.client.retry_stash(room)
             while True:
                 frame = await sock.recv()
                 async with self._lock:
-                    await self.client.handle_frame(sock, {self.room.room_id: self.room}, frame)
+                    await self.client.handle_frame(sock, by_id, frame)
                 self._refresh_members()
 
     def _status(self, text: str) -> None:
@@ -134,7 +149,7 @@ class ChatApp(App[None]):
     def _on_line(self, room: Room, line: Line) -> None:
         if room.room_id == self.room.room_id:
             self._show(line)
-        else:
+        elif line.kind in ("message", "sidebar") and not line.mine:
             self.unread[room.room_id] = self.unread.get(room.room_id, 0) + 1
             self._refresh_rooms()
 

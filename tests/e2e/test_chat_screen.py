@@ -109,3 +109,26 @@ async def test_type_send_receive_and_slash_commands(
         await pilot.press(*"/nonsense")
         await pilot.press("enter")
         await wait_for(app, pilot, "unknown command /nonsense")
+
+
+async def test_unread_counts_for_other_rooms(pair: tuple[Client, Room, Client, Room]) -> None:
+    fac, _room, ann, ann_room = pair
+    other = await fac.create_room("Second track", L.Rules())
+    ann_other = await ann.join(
+        await fac.invite(other, "participant", 3600, 1), accept_rules=lambda rules: True
+    )
+    for client, r in ((ann, ann_other), (fac, other)):
+        async with client.connect([r]) as sock:
+            await client.pump(sock, [r], idle=0.3)
+    app = ChatApp(ann, ann_room)
+    async with app.run_test(size=(120, 40)) as pilot:
+        while app.sock is None:
+            await pilot.pause(0.1)
+        async with fac.connect([other]) as sock:
+            await fac.pump(sock, [other], idle=0.3)
+            await fac.send_text(sock, other, "over in the other room")
+        deadline = asyncio.get_running_loop().time() + 10
+        while app.unread.get(ann_other.room_id) != 1:
+            assert asyncio.get_running_loop().time() < deadline, app.unread
+            await pilot.pause(0.1)
+        assert "over in the other room" not in screen_text(app)
