@@ -241,3 +241,34 @@ async def test_attributed_export_keeps_names(people: People) -> None:
     await online(fac, room)
     exported = render_export(fac, room, "md")
     assert "**ann**: on the record" in exported
+
+
+async def test_a_log_that_does_not_validate_locks_the_room(people: People, tmp_path: Path) -> None:
+    """A relay that serves a forged log event: the client reports it, marks the room
+    compromised and refuses to encrypt to it (issue #6 covers the full attack set)."""
+    import sqlite3
+
+    fac, room, joined = await room_with(people, "ann")
+    ann, ann_room = joined["ann"]
+    await fac.invite(room, "participant", 3600, 1)  # a new event Ann has not seen yet
+    pos = room.state.pos
+    db = sqlite3.connect(tmp_path / "relay.db")
+    (data,) = db.execute(
+        "SELECT data FROM log_events WHERE room_id = ? AND pos = ?", (room.room_id, pos)
+    ).fetchone()
+    forged = bytearray(data)
+    forged[-1] ^= 1  # inside the signature
+    db.execute(
+        "UPDATE log_events SET data = ? WHERE room_id = ? AND pos = ?",
+        (bytes(forged), room.room_id, pos),
+    )
+    db.commit()
+    db.close()
+    await ann.sync_log(ann_room)
+    assert ann_room.status == "compromised"
+    assert "does not validate" in (ann_room.problem or "")
+    assert any(line.kind == "warning" for line in ann.lines(ann_room))
+    with pytest.raises(ClientError, match="failed validation"):
+        await say(ann, ann_room, "should never be encrypted")
+    # The state survives a restart: the lock is persistent.
+    assert ann.room(ann_room.name).status == "compromised"
