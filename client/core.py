@@ -61,7 +61,10 @@ KEM_PREKEYS = 5
 REPLENISH_BELOW = 5
 MAX_STASH = 1000
 MAX_SESSIONS_PER_PEER = 4
+#: Peers refuse a signed prekey older than this (a relay replaying a retired one) ...
 SIGNED_PREKEY_MAX_AGE = 30 * 86_400
+#: ... so we replace ours well before.
+SIGNED_PREKEY_ROTATE = 7 * 86_400
 
 Status = Literal["active", "removed", "left", "compromised"]
 
@@ -226,7 +229,7 @@ class Client:
 
     def http(self, relay: str) -> RelayHttp:
         if relay not in self._http:
-            self._http[relay] = RelayHttp(relay, proxy=self.proxy)
+            self._http[relay] = RelayHttp(relay, proxy=self.proxy, clock=self.clock)
         return self._http[relay]
 
     def now(self) -> int:
@@ -395,6 +398,8 @@ class Client:
             try:
                 room.log.append(data)
             except L.DuplicateEvent:
+                # Harmless (the chain makes it a no-op) but not what an honest relay does.
+                self._warn(room, "the relay re-sent a log event we already had; ignored")
                 continue
             except ProtocolError as exc:
                 self._compromise(room, f"the room log does not validate ({exc.code})")
@@ -553,16 +558,32 @@ class Client:
         }
         return (lambda kind, key_id: table.get((kind, key_id))), record
 
-    async def _upload_prekeys(self, room: Room, *, fresh: bool, opk: int = 0, kem: int = 0) -> None:
+    async def _upload_prekeys(
+        self,
+        room: Room,
+        *,
+        fresh: bool,
+        rotate_spk: bool = False,
+        opk: int = 0,
+        kem: int = 0,
+    ) -> None:
         record = self._prekeys(room)
         next_id = int(record["next"])
         made: list[tuple[PreKey, PreKeyPrivate]] = []
         now = self.now()
+        keys = list(record["keys"])
         if fresh:
-            made.append(generate_x25519_prekey(room.key, "spk", next_id, now))
-            made.append(generate_kem_prekey(room.key, "kem-lr", next_id + 1, now))
-            next_id += 2
+            keys = [k for k in keys if k[0] not in ("spk", "kem-lr")]
+            made.append(generate_kem_prekey(room.key, "kem-lr", next_id, now))
+            next_id += 1
             opk, kem = ONE_TIME_PREKEYS, KEM_PREKEYS
+        if fresh or rotate_spk:
+            # Keep the newest previous signed prekey: a peer may have fetched it
+            # just before the rotation and its first message is still on the way.
+            spks = sorted((k for k in keys if k[0] == "spk"), key=lambda k: int(k[1]))
+            keys = [k for k in keys if k[0] != "spk"] + spks[-1:]
+            made.append(generate_x25519_prekey(room.key, "spk", next_id, now))
+            next_id += 1
         for _ in range(opk):
             made.append(generate_x25519_prekey(room.key, "opk", next_id, now))
             next_id += 1
@@ -571,14 +592,19 @@ class Client:
             next_id += 1
         if not made:
             return
-        keys = list(record["keys"])
-        if fresh:
-            keys = [k for k in keys if k[0] not in ("spk", "kem-lr")]
         keys += [[p.kind, p.id, encode(p.to_value()), priv.private] for p, priv in made]
         with self.store.transaction():
             self.store.put("prekeys", room.room_id, encode({"keys": keys, "next": next_id}))
         upload = PreKeyUpload(member=room.key.public, prekeys=[p for p, _ in made])
         await self.http(room.relay).upload_prekeys(upload.to_bytes())
+
+    def _signed_prekey_time(self, room: Room) -> int:
+        times = [
+            PreKey.from_value(decode(_b(k[2]))).ts
+            for k in self._prekeys(room)["keys"]
+            if k[0] == "spk"
+        ]
+        return max(times, default=0)
 
     async def replenish_prekeys(self, room: Room) -> None:
         """Top up one-time prekeys on the relay when others have used most of them."""
@@ -586,10 +612,12 @@ class Client:
         try:
             counts = (await self.http(room.relay).upload_prekeys(upload.to_bytes()))["counts"]
             opk, kem = int(counts.get("opk", 0)), int(counts.get("kem", 0))
-            if min(opk, kem) < REPLENISH_BELOW:
+            rotate = self.now() - self._signed_prekey_time(room) > SIGNED_PREKEY_ROTATE
+            if min(opk, kem) < REPLENISH_BELOW or rotate:
                 await self._upload_prekeys(
                     room,
                     fresh=False,
+                    rotate_spk=rotate,
                     opk=max(0, ONE_TIME_PREKEYS - opk),
                     kem=max(0, KEM_PREKEYS - kem),
                 )
@@ -866,6 +894,16 @@ class Client:
                 raise UnknownSenderKey("a sender key for someone else")
             keys = self._inbound(room)
             if (sender, dist.generation) not in keys:
+                previous = keys.get((sender, dist.generation - 1))
+                if previous is not None and previous.index < dist.prev_count:
+                    # The sender says how many it sent under its old key: a
+                    # dropped tail shows up here rather than as silence.
+                    lost = dist.prev_count - previous.index + len(previous.missing())
+                    self._warn(
+                        room,
+                        f"{lost} message(s) from {self.display_name(room, sender)} "
+                        "under their previous key never arrived",
+                    )
                 keys[(sender, dist.generation)] = InboundSenderKey.from_distribution(dist)
                 # A departure after the key was made retires it like the others.
                 for event_pos in range(dist.since + 1, room.state.length):

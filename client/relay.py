@@ -12,7 +12,7 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -96,8 +96,16 @@ def signed_request_headers(
 class RelayHttp:
     """REST calls, signed where the relay asks for proof of a key."""
 
-    def __init__(self, url: str, *, proxy: str | None = None, timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        proxy: str | None = None,
+        timeout: float = 20.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.url = url.rstrip("/")
+        self.clock = clock
         self.origin = origin_of(self.url)
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, proxy=proxy)
 
@@ -115,7 +123,9 @@ class RelayHttp:
         content = b"" if body is None else httpx.Request("POST", "/", json=body).content
         headers = {"content-type": "application/json"} if body is not None else {}
         if signer is not None:
-            headers |= signed_request_headers(signer, self.origin, method, path, content)
+            headers |= signed_request_headers(
+                signer, self.origin, method, path, content, now=int(self.clock())
+            )
         try:
             response = await self._http.request(method, path, content=content, headers=headers)
         except httpx.TransportError as exc:

@@ -272,3 +272,20 @@ async def test_a_log_that_does_not_validate_locks_the_room(people: People, tmp_p
         await say(ann, ann_room, "should never be encrypted")
     # The state survives a restart: the lock is persistent.
     assert ann.room(ann_room.name).status == "compromised"
+
+
+async def test_signed_prekey_is_rotated_weekly(people: People, clock: FakeClock) -> None:
+    from backchannel.protocol.keys import PreKeyBundle
+
+    fac, room, joined = await room_with(people, "ann")
+    ann_room = joined["ann"][1]
+    http = fac.http(room.relay)
+    first = PreKeyBundle.from_bytes(await http.claim(room.me, ann_room.key.sign_seed)).spk
+    clock.advance(8 * 86_400)
+    await online(fac, room)
+    second = PreKeyBundle.from_bytes(await http.claim(room.me, ann_room.key.sign_seed)).spk
+    assert second.id > first.id
+    assert second.ts >= first.ts + 8 * 86_400
+    # The previous one is kept for handshakes already on their way; older ones go.
+    spk_ids = [k[1] for k in fac._prekeys(room)["keys"] if k[0] == "spk"]
+    assert sorted(spk_ids) == [first.id, second.id]
