@@ -868,13 +868,21 @@ class Client:
 
     def _decrypt_pairwise(self, room: Room, peer: MemberPublicKey, data: bytes) -> bytes:
         sessions = self._sessions(room, peer.sign)
+        duplicate: DuplicateMessage | None = None
         for session in reversed(sessions):
             try:
                 plaintext = session.decrypt(data)
+            except DuplicateMessage as exc:
+                duplicate = exc
+                continue
             except (NewSession, ProtocolError):
                 continue
             self._save_sessions(room, peer.sign, sessions)
             return plaintext
+        if duplicate is not None:
+            # One of our sessions already used this message's key: a replay,
+            # not a new session (whose prekeys would be gone anyway).
+            raise duplicate
         lookup, record = self._prekey_lookup(room)
         accepted = PairwiseSession.accept(room.key, data, initiator=peer, prekeys=lookup)
         consumed = {(k, i) for k, i in accepted.consumed if k in ("opk", "kem")}
@@ -944,58 +952,46 @@ class Client:
         data = _b(frame["data"])
         try:
             envelope = RoomEnvelope.from_bytes(data)
-            if envelope.room_id != room.room_id:
-                raise NotAuthorized("a message from another room")
-            verdict = check_epoch(room.log, envelope, room.me)
-            if verdict == "ahead":
-                await self.sync_log(room)
-                verdict = check_epoch(room.log, envelope, room.me)
-                if verdict == "ahead":
-                    raise ForkDetected("message names a log position the relay does not show us")
-        except NotInEpoch:
-            self._advance(room, seq)  # from before we joined: not ours to read
-            return
-        except NotAuthorized as exc:
-            self._warn(room, f"a room message was refused ({exc})")
-            self._advance(room, seq)
-            return
         except ProtocolError as exc:
-            if isinstance(exc, ForkDetected):
-                self._compromise(room, "the relay showed members different room logs (fork)")
-                return
-            self._warn(room, f"a room message was refused ({exc.code})")
+            self._warn(room, f"a malformed room message was refused ({exc.code})")
             self._advance(room, seq)
             return
-        if envelope.sender == room.me:
+        if envelope.room_id != room.room_id:
+            self._warn(room, "a message from another room was refused")
             self._advance(room, seq)
             return
+        mine = room.state.members.get(room.me)
+        if envelope.sender == room.me or (mine is not None and envelope.epoch_pos < mine.since):
+            self._advance(room, seq)  # our own, or from before we joined: not ours to read
+            return
+        if envelope.epoch_pos >= room.state.length:
+            # Only a hint until the signature is checked: fetch what it names.
+            await self.sync_log(room)
+        if room.status == "compromised":
+            return
+        fork = False
         with self.store.transaction():
             keys = self._inbound(room)
             key = keys.get((envelope.sender, envelope.generation))
             if key is None:
-                self._stash(room, data)
+                self._stash(room, data)  # its key may still be on the way
                 self._advance(room, seq)
                 return
+            who = self.display_name(room, envelope.sender)
             try:
-                body = key.open(envelope)
+                body = key.open(envelope, authorise=lambda env: self._authorise(room, env))
+            except NotInEpoch:
+                pass
+            except ForkDetected:
+                fork = True
             except DuplicateMessage:
-                self._warn(
-                    room,
-                    f"a replayed message from {self.display_name(room, envelope.sender)} "
-                    "was dropped",
-                )
+                self._warn(room, f"a replayed message from {who} was dropped")
             except StaleSenderKey:
-                self._warn(
-                    room,
-                    f"a message under a retired key from "
-                    f"{self.display_name(room, envelope.sender)} was refused",
-                )
+                self._warn(room, f"a message under a retired key from {who} was refused")
+            except NotAuthorized as exc:
+                self._warn(room, f"a room message was refused ({exc})")
             except ProtocolError as exc:
-                self._warn(
-                    room,
-                    f"a message claiming to be from "
-                    f"{self.display_name(room, envelope.sender)} was refused ({exc.code})",
-                )
+                self._warn(room, f"a message claiming to be from {who} was refused ({exc.code})")
             else:
                 value = decode(body)
                 if isinstance(value, dict) and value.get("t") == "text":
@@ -1009,13 +1005,17 @@ class Client:
                     )
                 gaps = key.missing()
                 if gaps:
-                    self._warn(
-                        room,
-                        f"{len(gaps)} message(s) from "
-                        f"{self.display_name(room, envelope.sender)} have not arrived",
-                    )
+                    self._warn(room, f"{len(gaps)} message(s) from {who} have not arrived")
                 self._save_inbound(room, keys)
             self._advance(room, seq)
+        if fork:
+            self._compromise(room, "the relay showed members different room logs (fork)")
+
+    @staticmethod
+    def _authorise(room: Room, envelope: RoomEnvelope) -> None:
+        """Judge a signature-checked envelope against our validated log."""
+        if check_epoch(room.log, envelope, room.me) == "ahead":
+            raise ForkDetected("the message names log events the relay does not show us")
 
     def _stash(self, room: Room, data: bytes) -> None:
         stash = self.store.get("stash", room.room_id)

@@ -26,6 +26,7 @@ a forged, altered, replayed or out-of-bounds message changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -420,7 +421,12 @@ class InboundSenderKey:
         if self._retired_at is None or pos < self._retired_at:
             self._retired_at = pos
 
-    def open(self, data: bytes | RoomEnvelope) -> bytes:
+    def open(
+        self,
+        data: bytes | RoomEnvelope,
+        *,
+        authorise: Callable[[RoomEnvelope], object] | None = None,
+    ) -> bytes:
         """Verify and decrypt one envelope; any failure leaves this key unchanged.
 
         Raises :class:`~.errors.UnknownSenderKey` if the envelope is for
@@ -429,6 +435,12 @@ class InboundSenderKey:
         validity, :class:`~.errors.DuplicateMessage` for a replay,
         :class:`~.errors.TooManySkipped` beyond the skip bound, and
         :class:`~.errors.DecryptionFailed` if the AEAD refuses.
+
+        ``authorise`` (typically :func:`~.envelope.check_epoch` against the
+        reader's log) runs after the signature verified and before any key is
+        used, so it only ever judges what the sender really signed: a relay
+        that alters a message's epoch gets ``bad_signature``, never a false
+        fork alarm. It raises to refuse.
         """
         env = data if isinstance(data, RoomEnvelope) else RoomEnvelope.from_bytes(data)
         if (
@@ -445,6 +457,8 @@ class InboundSenderKey:
             raise StaleSenderKey("message names an epoch before this sender key existed")
         if self._retired_at is not None and env.epoch_pos >= self._retired_at:
             raise StaleSenderKey("sender key was retired by a later removal or leave")
+        if authorise is not None:
+            authorise(env)
         mk, chain_key, index, skipped = self._message_key(env.index)
         key, nonce = message_aead_key(mk)
         plaintext = padding.unpad(P.aead_decrypt(key, nonce, env.ciphertext, ad))

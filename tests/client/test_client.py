@@ -3,92 +3,18 @@ leaving, removal, and an interrupted send that is delivered exactly once."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from backchannel.client import relay as transport
-from backchannel.client.core import Client, ClientError, Room
-from backchannel.client.store import Store
-from backchannel.protocol import primitives as P
+from backchannel.client.core import ClientError
 from backchannel.protocol import roomlog as L
 from backchannel.protocol.envelope import RoomEnvelope
 from backchannel.protocol.errors import ProtocolError
 from backchannel.protocol.keys import PreKeyUpload
-from backchannel.server.config import Settings
+from tests.client.helpers import People, heard, online, room_with, say
 from tests.server.helpers import FakeClock, RelayServer
-
-FAST = {"opslimit": P.ARGON2_OPSLIMIT_MIN, "memlimit": P.ARGON2_MEMLIMIT_MIN}
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def relay(tmp_path: Path, clock: FakeClock) -> Iterator[RelayServer]:
-    server = RelayServer(
-        Settings(data_dir=tmp_path, database_url=f"sqlite+aiosqlite:///{tmp_path}/relay.db"),
-        clock,
-    ).start()
-    yield server
-    server.stop()
-
-
-class People:
-    def __init__(self, tmp_path: Path, relay: RelayServer, clock: FakeClock) -> None:
-        self.tmp_path, self.relay, self.clock = tmp_path, relay, clock
-        self.clients: list[Client] = []
-
-    def new(self, name: str) -> Client:
-        store = Store.create(self.tmp_path / name, "pw", **FAST)
-        Client.init_profile(store, self.relay.url, name)
-        client = Client(store, clock=self.clock)
-        self.clients.append(client)
-        return client
-
-    async def close(self) -> None:
-        for client in self.clients:
-            await client.aclose()
-            client.store.close()
-
-
-@pytest.fixture
-async def people(tmp_path: Path, relay: RelayServer, clock: FakeClock) -> AsyncIterator[People]:
-    out = People(tmp_path, relay, clock)
-    yield out
-    await out.close()
-
-
-async def online(client: Client, room: Room) -> None:
-    async with client.connect([room]) as sock:
-        await client.pump(sock, [room], idle=0.3)
-        await client.retry_stash(room)
-
-
-async def say(client: Client, room: Room, text: str) -> None:
-    async with client.connect([room]) as sock:
-        await client.pump(sock, [room], idle=0.3)
-        await client.send_text(sock, room, text)
-
-
-def heard(client: Client, room: Room) -> list[str]:
-    return [line.text for line in client.lines(room) if line.kind == "message"]
-
-
-async def room_with(people: People, *names: str, rules: L.Rules | None = None):  # type: ignore[no-untyped-def]
-    fac = people.new("fac")
-    room = await fac.create_room("t", rules or L.Rules())
-    joined = {}
-    for name in names:
-        client = people.new(name)
-        code = await fac.invite(room, "participant", 3600, 1)
-        joined[name] = (client, await client.join(code, accept_rules=lambda r: True))
-    for client, r in [(fac, room), *joined.values(), (fac, room)]:
-        await online(client, r)
-    return fac, room, joined
 
 
 async def test_retention_deletes_on_the_relay_and_on_clients(

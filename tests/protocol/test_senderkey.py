@@ -423,3 +423,24 @@ class Delivery(RuleBasedStateMachine):
 
 TestDelivery = Delivery.TestCase
 TestDelivery.settings = settings(max_examples=30, stateful_step_count=40, deadline=None)
+
+
+def test_authorise_sees_only_signed_envelopes_and_can_refuse() -> None:
+    out, inb = fresh()
+    env = RoomEnvelope.from_bytes(out.seal(b"x", EPOCH))
+    seen: list[RoomEnvelope] = []
+    # An altered epoch fails the signature before authorise is asked.
+    forged = RoomEnvelope(**{**_fields(env), "epoch_head": b"\x01" * 32})
+    with pytest.raises(BadSignature):
+        inb.open(forged.to_bytes(), authorise=seen.append)
+    assert seen == []
+
+    def refuse(e: RoomEnvelope) -> None:
+        raise NotAuthorized("not today")
+
+    before = inb.to_bytes()
+    with pytest.raises(NotAuthorized):
+        inb.open(env, authorise=refuse)
+    assert inb.to_bytes() == before  # a refusal uses no key
+    assert inb.open(env, authorise=seen.append) == b"x"
+    assert seen == [env]
