@@ -84,14 +84,10 @@ class Room:
     title: str
     relay: str
     key: MemberKeyPair
-    events: list[bytes]
+    log: L.RoomLog = field(repr=False)
     cursor: int = 0
     status: Status = "active"
     problem: str | None = None
-    log: L.RoomLog = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.log = L.validate_log(self.events)
 
     @property
     def state(self) -> L.RoomState:
@@ -104,7 +100,7 @@ class Room:
     def to_bytes(self) -> bytes:
         out: dict[str, Value] = {
             "cursor": self.cursor,
-            "events": list(self.events),
+            "events": list(self.log.events),
             "id": self.room_id,
             "key": self.key.to_bytes(),
             "name": self.name,
@@ -126,7 +122,8 @@ class Room:
             title=str(v["title"]),
             relay=str(v["relay"]),
             key=MemberKeyPair.from_bytes(_b(v["key"])),
-            events=[_b(e) for e in _list(v["events"])],
+            # Our own store, but re-validated: a log is believed only after that.
+            log=L.validate_log([_b(e) for e in _list(v["events"])]),
             cursor=int(_i(v["cursor"])),
             status=str(v["status"]),  # type: ignore[arg-type]
             problem=str(v["problem"]) if "problem" in v else None,
@@ -279,7 +276,7 @@ class Client:
             title=title,
             relay=relay,
             key=key,
-            events=[event],
+            log=L.validate_log([event]),
         )
         with self.store.transaction():
             self._save(room)
@@ -338,7 +335,7 @@ class Client:
             title="",
             relay=code.relay_url,
             key=key,
-            events=list(log.events),
+            log=log,
         )
         with self.store.transaction():
             self._save(room)
@@ -386,7 +383,7 @@ class Client:
             return []
         signer = room.key.sign_seed
         try:
-            events = await self.http(room.relay).events(room.room_id, len(room.events) - 1, signer)
+            events = await self.http(room.relay).events(room.room_id, len(room.log) - 1, signer)
         except RelayError as exc:
             if exc.status in (401, 403) and room.status == "active":
                 # We can no longer read the log: we were removed. Confirmed
@@ -404,7 +401,6 @@ class Client:
             except ProtocolError as exc:
                 self._compromise(room, f"the room log does not validate ({exc.code})")
                 return new
-            room.events.append(data)
             new.append(room.log.decoded(room.log.state.pos))
         with self.store.transaction():
             for event in new:

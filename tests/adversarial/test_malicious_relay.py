@@ -106,7 +106,7 @@ async def test_replayed_join_after_removal_is_reported_and_ignored(
     _bob, bob_room = joined["bob"]
     bob_join = next(
         e
-        for e in room.events
+        for e in room.log.events
         if isinstance(L.decode_event(e), L.JoinEvent)
         and L.decode_event(e).member.sign == bob_room.me  # type: ignore[union-attr]
     )
