@@ -398,7 +398,7 @@ def send(
     async def work(c: Client) -> None:
         r = c.room(room)
         async with c.connect([r]) as sock:
-            await c.pump(sock, [r], idle=0.3)
+            await c.pump(sock, [r], idle=0.05)
             target = None if to is None else c.member(r, to).key.sign
             await c.send_text(sock, r, body, to=target)
 
@@ -427,7 +427,7 @@ def read(
 
         if r.status == "active":
             async with c.connect([r]) as sock:
-                await c.pump(sock, [r], idle=0.5)
+                await c.pump(sock, [r], idle=0.1)
                 await c.retry_stash(r)
                 show(c.lines(r))
                 if follow:

@@ -61,6 +61,10 @@ KEM_PREKEYS = 5
 REPLENISH_BELOW = 5
 MAX_STASH = 1000
 MAX_SESSIONS_PER_PEER = 4
+#: Mailbox item ids remembered per room, to recognise a redelivery after a lost ack.
+MAX_PROCESSED = 1000
+#: Longest wait for the relay to deliver what was stored for us (then we go on).
+CATCH_UP_TIMEOUT = 30.0
 #: Peers refuse a signed prekey older than this (a relay replaying a retired one) ...
 SIGNED_PREKEY_MAX_AGE = 30 * 86_400
 #: ... so we replace ours well before.
@@ -772,6 +776,7 @@ class Client:
         if room.state.role_of(room.me) == "observer":
             raise ClientError("observers cannot post in this room")
         await self._distribute(sock, room)
+        await self._flush_outbox(sock, [room])  # anything older goes first
         cid = P.random_bytes(16)
         with self.store.transaction():
             out = OutboundSenderKey.from_bytes(_b(self.store.get("out", room.room_id)))
@@ -794,23 +799,41 @@ class Client:
     async def _flush_outbox(self, sock: RelaySocket, rooms: list[Room]) -> None:
         """Send what a previous run sealed and stored but never saw acknowledged."""
         by_id = {r.room_id: r for r in rooms}
+        queued = []
         for raw in self.store.values("outbox"):
             item = decode(raw)
             assert isinstance(item, dict)
             room = by_id.get(_b(item["room"]))
             if room is not None:
-                await self._send_envelope(sock, room, _b(item["cid"]), _b(item["data"]))
+                envelope = RoomEnvelope.from_bytes(_b(item["data"]))
+                queued.append(((envelope.generation, envelope.index), room, item))
+        # In the order they were sealed, so receivers see no reordering.
+        for _order, room, item in sorted(queued, key=lambda q: q[0]):
+            await self._send_envelope(sock, room, _b(item["cid"]), _b(item["data"]))
 
     async def pump(
         self, sock: RelaySocket, rooms: list[Room], *, idle: float = 0.5, forever: bool = False
     ) -> None:
-        """Process frames until none arrive for ``idle`` seconds (or forever)."""
+        """Process frames: catch up, then return once nothing arrives for ``idle``
+        seconds (or run forever).
+
+        Catching up ends at a ``pong``: the relay answers frames in order and
+        queues a subscription's stored messages and our pending mailbox before
+        the answer to a later ``ping``, so everything that was waiting has
+        arrived by then. ``idle`` then only bounds the wait for stragglers.
+        """
         by_id = {r.room_id: r for r in rooms}
+        await sock.send("ping")
+        caught_up = False
         while True:
             try:
-                frame = await sock.recv(timeout=None if forever else idle)
+                timeout = None if forever else (idle if caught_up else max(idle, CATCH_UP_TIMEOUT))
+                frame = await sock.recv(timeout=timeout)
             except TimeoutError:
                 return
+            if frame.type == "pong":
+                caught_up = True
+                continue
             await self.handle_frame(sock, by_id, frame)
 
     async def handle_frame(self, sock: RelaySocket, rooms: dict[bytes, Room], frame: Frame) -> None:
@@ -846,11 +869,22 @@ class Client:
             await sock.send("ack", ids=[item])
             return
         data = _b(frame["data"])
+        done = self._processed(room)
+        # The relay's id alone is not enough: ids may be reused once acknowledged.
+        # Only the same id with the same bytes is the redelivery of what we did.
+        mark = [_i(item), P.hash_bytes(b"bc-pmsg-seen", data, 16)]
+        if mark in done:
+            # Processed and committed before, but our ack never reached the
+            # relay (a crash or a dropped connection): acknowledge it again.
+            await sock.send("ack", ids=[item])
+            return
         try:
-            # Session state and what the message carried commit together, or not at all.
+            # Session state, what the message carried and the fact that we
+            # processed it commit together, or not at all.
             with self.store.transaction():
                 plaintext = self._decrypt_pairwise(room, member.key, data)
                 kind = self._on_payload(room, member.key.sign, plaintext)
+                self._mark_processed(room, done, mark)
         except (ProtocolError, ValueError, KeyError, TypeError) as exc:
             code = exc.code if isinstance(exc, ProtocolError) else "malformed"
             self._warn(
@@ -861,6 +895,13 @@ class Client:
             if kind == "keys":
                 await self.retry_stash(room)  # messages that waited for this key
         await sock.send("ack", ids=[item])
+
+    def _processed(self, room: Room) -> list[list[Any]]:
+        data = self.store.get("processed", room.room_id)
+        return [] if data is None else [list(x) for x in _list(decode(data, max_size=1 << 20))]
+
+    def _mark_processed(self, room: Room, done: list[list[Any]], mark: list[Any]) -> None:
+        self.store.put("processed", room.room_id, encode([*done, mark][-MAX_PROCESSED:]))
 
     def _decrypt_pairwise(self, room: Room, peer: MemberPublicKey, data: bytes) -> bytes:
         sessions = self._sessions(room, peer.sign)

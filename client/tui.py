@@ -131,7 +131,7 @@ class ChatApp(App[None]):
             self.sock = sock
             self._status("connected")
             async with self._lock:
-                await self.client.pump(sock, rooms, idle=0.3)
+                await self.client.pump(sock, rooms, idle=0.05)
                 for room in rooms:
                     await self.client.retry_stash(room)
             while True:

@@ -34,13 +34,13 @@ class People:
 
 async def online(client: Client, room: Room) -> None:
     async with client.connect([room]) as sock:
-        await client.pump(sock, [room], idle=0.3)
+        await client.pump(sock, [room], idle=0.05)
         await client.retry_stash(room)
 
 
 async def say(client: Client, room: Room, text: str) -> None:
     async with client.connect([room]) as sock:
-        await client.pump(sock, [room], idle=0.3)
+        await client.pump(sock, [room], idle=0.05)
         await client.send_text(sock, room, text)
 
 

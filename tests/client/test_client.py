@@ -113,6 +113,32 @@ async def test_interrupted_send_is_delivered_exactly_once(
     assert heard(ann, ann_room) == ["sealed before the cut"]
 
 
+async def test_queued_send_goes_before_a_newer_one(
+    people: People, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fac, room, joined = await room_with(people, "ann")
+    ann, ann_room = joined["ann"]
+    real_request = transport.RelaySocket.request
+
+    async def cut(self: transport.RelaySocket, kind: str, **fields: object) -> object:
+        if kind == "send":
+            raise transport.RelayError("timeout", "the relay did not acknowledge in time")
+        return await real_request(self, kind, **fields)  # type: ignore[arg-type]
+
+    async with fac.connect([room]) as sock:
+        monkeypatch.setattr(transport.RelaySocket, "request", cut)
+        with pytest.raises(transport.RelayError):
+            await fac.send_text(sock, room, "first, but stuck")
+        monkeypatch.setattr(transport.RelaySocket, "request", real_request)
+        # On the same connection (as in the chat screen before a reconnect):
+        # the stuck one must go first, or receivers would see a reordering.
+        await fac.send_text(sock, room, "second")
+    assert fac.store.values("outbox") == []
+    await online(ann, ann_room)
+    assert heard(ann, ann_room) == ["first, but stuck", "second"]
+    assert not [w for w in ann.lines(ann_room) if w.kind == "warning"]
+
+
 async def test_one_time_prekeys_are_replenished(people: People) -> None:
     fac, room, joined = await room_with(people, "ann")
     http = fac.http(room.relay)
