@@ -567,7 +567,7 @@ async def test_message_moved_to_another_room_is_refused(people: People, tamper: 
     )
     await say(fac, room, "meant for the first room")
     async with ann.connect([ann_room, ann_other]) as sock:
-        await ann.pump(sock, [ann_room, ann_other], idle=0.5)
+        await ann.pump(sock, [ann_room, ann_other], idle=0.1)
     assert "meant for the first room" not in heard(ann, ann_other)
     assert any("another room" in w for w in warnings(ann, ann_other))
 
