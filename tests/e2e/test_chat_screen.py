@@ -48,7 +48,7 @@ async def pair(
     # Both come online once so keys and profiles are exchanged.
     for client, r in ((fac, room), (ann, ann_room), (fac, room)):
         async with client.connect([r]) as sock:
-            await client.pump(sock, [r], idle=0.3)
+            await client.pump(sock, [r], idle=0.05)
     yield fac, room, ann, ann_room
     for client in (fac, ann):
         await client.aclose()
@@ -87,7 +87,7 @@ async def test_type_send_receive_and_slash_commands(
 
         # The facilitator, on its own connection, receives it attributed to Ann.
         async with fac.connect([room]) as sock:
-            await fac.pump(sock, [room], idle=0.5)
+            await fac.pump(sock, [room], idle=0.1)
             await fac.send_text(sock, room, "\x1b[2J\u202eagreed in principle")
         got = [(line.text, fac.display_name(room, line.sender or b"")) for line in fac.lines(room)]
         assert ("a phased approach could work", "Ann") in got
@@ -119,13 +119,13 @@ async def test_unread_counts_for_other_rooms(pair: tuple[Client, Room, Client, R
     )
     for client, r in ((ann, ann_other), (fac, other)):
         async with client.connect([r]) as sock:
-            await client.pump(sock, [r], idle=0.3)
+            await client.pump(sock, [r], idle=0.05)
     app = ChatApp(ann, ann_room)
     async with app.run_test(size=(120, 40)) as pilot:
         while app.sock is None:
             await pilot.pause(0.1)
         async with fac.connect([other]) as sock:
-            await fac.pump(sock, [other], idle=0.3)
+            await fac.pump(sock, [other], idle=0.05)
             await fac.send_text(sock, other, "over in the other room")
         deadline = asyncio.get_running_loop().time() + 10
         while app.unread.get(ann_other.room_id) != 1:
