@@ -11,20 +11,21 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from backchannel.protocol import errors as perr
 from backchannel.protocol import roomlog
 from backchannel.protocol.keys import PreKeyUpload
 
-from . import frames as F
 from .auth import b64d, b64e, verify_request
 from .config import Settings
 from .errors import RelayError, from_protocol
-from .hub import Hub
+from .fanout import Fanout
 from .logging import get_logger
-from .store import Appended, Store
+from .metrics import CONTENT_TYPE_LATEST
+from .migrate import schema_state
+from .store import Store
 
 log = get_logger("backchannel.relay.api")
 
@@ -39,13 +40,13 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_hub(request: Request) -> Hub:
-    return request.app.state.hub  # type: ignore[no-any-return]
+def get_fanout(request: Request) -> Fanout:
+    return request.app.state.fanout  # type: ignore[no-any-return]
 
 
 StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-HubDep = Annotated[Hub, Depends(get_hub)]
+FanoutDep = Annotated[Fanout, Depends(get_fanout)]
 
 
 def log_limits(settings: Settings) -> roomlog.LogLimits:
@@ -131,18 +132,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix="/v1", responses=ERRORS)
 
 
-def _notify(hub: Hub, room_id: bytes, appended: Appended) -> None:
-    if not appended.fresh:
-        return
-    event = appended.event
-    if isinstance(event, roomlog.RemoveEvent | roomlog.LeaveEvent):
-        gone = event.target if isinstance(event, roomlog.RemoveEvent) else event.author
-        hub.member_departed(room_id, gone, F.server_frame("removed", room=room_id))
-    hub.publish_event(
-        room_id, F.server_frame("event", room=room_id, pos=appended.pos, head=appended.head)
-    )
-
-
 @router.post("/rooms", status_code=201, response_model=RoomCreated)
 async def create_room(body: CreateRoom, store: StoreDep, settings: SettingsDep) -> Any:
     """Create a room from its signed `create` event; the room id is that event's hash."""
@@ -162,7 +151,7 @@ async def create_room(body: CreateRoom, store: StoreDep, settings: SettingsDep) 
 
 @router.post("/rooms/{room_id}/events", status_code=201, response_model=EventAppended)
 async def append_event(
-    room_id: str, body: AppendEvent, store: StoreDep, settings: SettingsDep, hub: HubDep
+    room_id: str, body: AppendEvent, store: StoreDep, settings: SettingsDep, fanout: FanoutDep
 ) -> Any:
     """Append one signed log event, validated against the room's current state.
 
@@ -175,7 +164,8 @@ async def append_event(
         limits=log_limits(settings),
         skew=settings.clock_skew_seconds,
     )
-    _notify(hub, room, appended)
+    if appended.fresh:
+        fanout.event(room, appended)
     if appended.fresh:
         log.info("log.appended", kind=appended.event.KIND, pos=appended.pos)
     answer = {"pos": appended.pos, "head": appended.head.hex()}
@@ -249,10 +239,35 @@ async def healthz() -> dict[str, str]:
 
 
 @health.get("/readyz", responses={503: {"model": ErrorResponse}})
-async def readyz(store: StoreDep) -> Any:
-    if await store.ping():
-        return {"status": "ok"}
+async def readyz(store: StoreDep, fanout: FanoutDep) -> Any:
+    """Ready when the database answers at this code's schema revision and, with
+    Redis configured, fan-out is connected. ``checks`` names what is not."""
+    checks = {"database": "ok", "schema": "ok", "fanout": "ok" if fanout.enabled else "off"}
+    if not await store.ping():
+        checks["database"] = "down"
+        checks["schema"] = "unknown"
+    else:
+        try:
+            state = await schema_state(store.engine)
+            if state.status != "current":
+                checks["schema"] = state.status
+        except Exception:
+            checks["database"] = "down"
+            checks["schema"] = "unknown"
+    if fanout.enabled and not fanout.available:
+        checks["fanout"] = "down"
+    down = [name for name, value in checks.items() if value not in ("ok", "off")]
+    if not down:
+        return {"status": "ok", "checks": checks}
+    detail = "not ready: " + ", ".join(f"{name} {checks[name]}" for name in down)
     return JSONResponse(
-        {"error": {"code": "not_ready", "detail": "the database does not answer"}},
-        status_code=503,
+        {"error": {"code": "not_ready", "detail": detail}, "checks": checks}, status_code=503
     )
+
+
+@health.get("/metrics", response_class=Response)
+async def metrics(request: Request, settings: SettingsDep) -> Response:
+    """Prometheus text format: counts and timings only."""
+    if not settings.metrics_enabled:
+        raise RelayError("not_found", 404, "metrics are disabled")
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

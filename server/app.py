@@ -1,11 +1,15 @@
 """The relay application: ``create_app(settings)`` builds a FastAPI app.
 
-Nothing is read or opened at import time. The lifespan opens the store (and
-creates the schema), starts the group-commit batcher and the retention task,
-and stops them again. Errors are answered in one place: a :class:`RelayError`
-becomes ``{"error": {"code", "detail"}}`` with its status; request validation
-failures are ``400 malformed``; anything unexpected is a ``500 internal``
-(counted in ``app.state.internal_errors``, which the tests require to stay 0).
+Nothing is read or opened at import time. The lifespan opens the database,
+checks its schema revision (see :mod:`.migrate`: an empty database is
+initialised, one behind the code is refused unless ``auto_migrate``), starts
+the group-commit batcher, the fan-out (Redis, when configured, and the
+catch-up tick) and the retention task, and stops them again. Errors are
+answered in one place: a :class:`RelayError` becomes ``{"error": {"code",
+"detail"}}`` with its status; request validation failures are ``400
+malformed``; a database that cannot be reached is ``503 storage_unavailable``;
+anything else unexpected is a ``500 internal`` (counted in
+``app.state.internal_errors``, which the tests require to stay 0).
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import api, retention
 from .config import Settings
 from .errors import RelayError
+from .fanout import Fanout
 from .hub import Hub
 from .logging import get_logger
-from .store import Store, create_schema, make_engine
+from .metrics import Metrics
+from .migrate import SchemaNotCurrent, ensure_schema
+from .store import Store, make_engine, storage_unavailable, unavailable
 from .ws import ConnectionLimiter, websocket_endpoint
 
 log = get_logger("backchannel.relay")
@@ -95,15 +102,34 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.resolved_database_url())
-        await create_schema(engine)
+        try:
+            await ensure_schema(engine, auto_migrate=settings.auto_migrate)
+        except SchemaNotCurrent as exc:
+            log.error("relay.schema_not_current", status=exc.state.status)
+            await engine.dispose()
+            raise
+        except BaseException:
+            await engine.dispose()
+            raise
         store = Store(
             engine,
             batch_window=settings.batch_window_ms / 1000,
             batch_max=settings.batch_max,
             clock=clock,
+            on_commit=metrics.observe_batch,
         )
         await store.start()
         app.state.store = store
+        fanout = Fanout(
+            app.state.hub,
+            store,
+            metrics,
+            redis_url=settings.redis_url,
+            channel=settings.redis_channel,
+            catch_up_interval=settings.catch_up_interval_seconds,
+        )
+        await fanout.start()
+        app.state.fanout = fanout
         purger = asyncio.create_task(
             retention.purge_loop(store, settings.purge_interval_seconds), name="retention"
         )
@@ -116,9 +142,11 @@ def create_app(
             purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await purger
+            await fanout.stop()
             await store.close()
             log.info("relay.stopped")
 
+    metrics = Metrics()
     app = FastAPI(
         title="backchannel relay",
         version="1",
@@ -126,6 +154,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
     app.state.hub = Hub()
     app.state.limiter = ConnectionLimiter(
         settings.max_connections, settings.max_connections_per_address
@@ -138,6 +167,7 @@ def create_app(
 
     @app.exception_handler(RelayError)
     async def relay_error(_request: Request, exc: RelayError) -> JSONResponse:
+        metrics.error(exc.code)
         return _error(exc.status, exc.code, exc.detail)
 
     @app.exception_handler(RequestValidationError)
@@ -151,7 +181,10 @@ def create_app(
         return _error(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
-    async def internal(_request: Request, exc: Exception) -> JSONResponse:
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        if unavailable(exc):
+            return await relay_error(request, storage_unavailable())
+        metrics.error("internal")
         app.state.internal_errors += 1
         log.error("http.internal_error", error=type(exc).__name__)
         return _error(500, "internal", "internal error")

@@ -1,4 +1,4 @@
-"""``backchannel-relay``: serve, purge, admin stats, admin token create.
+"""``backchannel-relay``: serve, migrate, purge, admin stats, admin token create.
 
 Settings come from (highest first) the command-line options, the environment
 (``BACKCHANNEL_RELAY_*``) and a TOML file (``--config`` or
@@ -22,7 +22,8 @@ from pydantic import ValidationError
 from .app import create_app
 from .config import CONFIG_ENV, Settings
 from .logging import configure
-from .store import Store, create_schema, make_engine
+from .migrate import SchemaNotCurrent, ensure_schema, head_revision, schema_state, upgrade
+from .store import Store, make_engine, unavailable
 
 app = typer.Typer(
     help="The backchannel relay: stores and forwards ciphertext for backchannel rooms.",
@@ -101,15 +102,30 @@ def serve(
     database_url: DatabaseOpt = None,
     data_dir: DataDirOpt = None,
     config: ConfigOpt = None,
+    migrate: Annotated[
+        bool,
+        typer.Option(
+            "--migrate", help="Apply pending schema migrations first (setting auto_migrate)."
+        ),
+    ] = False,
 ) -> None:
     """Run the relay.
 
     Example: backchannel-relay serve            (127.0.0.1:8470, SQLite in the data dir)
+
+    A database behind this relay's schema is refused (run `backchannel-relay migrate`);
+    an empty one is initialised.
     """
     settings = load_settings(
-        config, host=host, port=port, database_url=database_url, data_dir=data_dir
+        config,
+        host=host,
+        port=port,
+        database_url=database_url,
+        data_dir=data_dir,
+        auto_migrate=True if migrate else None,
     )
     configure(settings.log_level)
+    asyncio.run(_checked_schema(settings, auto_migrate=settings.auto_migrate))
     try:
         sock = bind(settings.host, settings.port)
     except OSError as exc:
@@ -127,18 +143,72 @@ def serve(
     server.run(sockets=[sock])
 
 
-def _store(settings: Settings) -> Store:
+def _unreachable(exc: BaseException) -> typer.Exit:
+    # The exception text may carry the URL (and a password): name its type only.
+    return _fail(
+        f"cannot reach the database ({type(exc).__name__})",
+        "check --database-url / BACKCHANNEL_RELAY_DATABASE_URL and that the database is up",
+    )
+
+
+async def _checked_schema(settings: Settings, *, auto_migrate: bool) -> None:
     engine = make_engine(settings.resolved_database_url())
-    return Store(engine, batch_window=0, batch_max=1)
+    try:
+        await ensure_schema(engine, auto_migrate=auto_migrate)
+    except SchemaNotCurrent as exc:
+        raise _fail(str(exc)) from None
+    except Exception as exc:
+        if unavailable(exc):
+            raise _unreachable(exc) from None
+        raise
+    finally:
+        await engine.dispose()
 
 
 async def _with_store(settings: Settings, work: Any) -> Any:
-    store = _store(settings)
+    await _checked_schema(settings, auto_migrate=False)
+    store = Store(make_engine(settings.resolved_database_url()), batch_window=0, batch_max=1)
     try:
-        await create_schema(store.engine)
         return await work(store)
     finally:
         await store.engine.dispose()
+
+
+@app.command("migrate")
+def migrate_command(
+    database_url: DatabaseOpt = None, data_dir: DataDirOpt = None, config: ConfigOpt = None
+) -> None:
+    """Bring the database schema up to this relay's version (safe to run again).
+
+    Example: backchannel-relay migrate --database-url postgresql+asyncpg://relay@db/relay
+    """
+    settings = load_settings(config, database_url=database_url, data_dir=data_dir)
+    configure(settings.log_level)
+
+    async def run() -> tuple[str, str]:
+        engine = make_engine(settings.resolved_database_url())
+        try:
+            before = await schema_state(engine)
+            if before.status == "ahead":
+                raise _fail(
+                    before.describe(), "run a relay at least as new as the one that migrated it"
+                )
+            await upgrade(engine)
+            return before.revision or "none", head_revision()
+        except typer.Exit:
+            raise
+        except Exception as exc:
+            if unavailable(exc):
+                raise _unreachable(exc) from None
+            raise
+        finally:
+            await engine.dispose()
+
+    before, after = asyncio.run(run())
+    if before == after:
+        typer.echo(f"schema already current ({after})")
+    else:
+        typer.echo(f"schema migrated: {before} -> {after}")
 
 
 @app.command()

@@ -50,10 +50,39 @@ class Settings(BaseSettings):
             "Authentication signatures are bound to its origin. Unset: http://HOST:PORT."
         ),
     )
+    redis_url: str | None = Field(
+        None,
+        description=(
+            "Redis URL (redis://host:6379/0) for fan-out between several relay instances "
+            "sharing one PostgreSQL database. Unset: a single instance, no Redis."
+        ),
+    )
+    redis_channel: str = Field(
+        "backchannel:relay:v1",
+        min_length=1,
+        description="Redis pub/sub channel; instances of one deployment must agree on it.",
+    )
+    auto_migrate: bool = Field(
+        False,
+        description=(
+            "Apply pending schema migrations at start-up instead of refusing to start. "
+            "(An empty database is always initialised.)"
+        ),
+    )
+    metrics_enabled: bool = Field(
+        True,
+        description="Serve Prometheus metrics (counts only) at /metrics.",
+    )
     creation_policy: Literal["open", "token"] = Field(
         "open", description="Who may create rooms: anyone, or holders of an operator token."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info",
+        description=(
+            "Least severe log level written (JSON lines on stderr; never addresses, keys, "
+            "room ids or payloads)."
+        ),
+    )
 
     # --- limits ---------------------------------------------------------------
     max_frame_bytes: int = Field(
@@ -110,6 +139,14 @@ class Settings(BaseSettings):
         2.0, ge=0, description="Group commit: how long a write waits for company."
     )
     batch_max: int = Field(256, ge=1, description="Group commit: most writes per transaction.")
+    catch_up_interval_seconds: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "How often each instance compares the database with what its connections have "
+            "seen, so a lost fan-out notification delays a message by at most this long."
+        ),
+    )
     purge_interval_seconds: float = Field(
         300.0, gt=0, description="How often expired ciphertext is deleted."
     )

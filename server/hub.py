@@ -7,8 +7,11 @@ awaits: it offers an item to each connection's bounded outbox; a connection
 whose outbox is full is closed with ``too_slow`` and nothing else is affected.
 What is delivered, and in which order, is decided by the connection's writer
 against the database (see :mod:`.ws`), so a missed or reordered notification
-is repaired from the database by cursor. Scale-out (Redis) will call the same
-``publish_*`` methods from a subscriber task.
+is repaired from the database by cursor. With several instances,
+:mod:`.fanout` calls the ``wake_*`` methods for commits made elsewhere (a
+Redis notification carries no payload, only where to look), and its periodic
+catch-up tick calls them too, so a lost notification costs latency, never a
+message.
 """
 
 from __future__ import annotations
@@ -52,10 +55,20 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class Notify:
-    """A room message was committed (live path)."""
+    """A room message was committed here (live path); ``t`` is when (monotonic)."""
 
     sub: Subscription
     msg: StoredMessage
+    t: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Messages up to ``seq`` exist (committed elsewhere, or found by the catch-up tick)."""
+
+    sub: Subscription
+    seq: int
+    t: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +92,16 @@ class MailSync:
     key: bytes
 
 
-OutItem = Frame | Notify | CatchUp | Mail | MailSync
+@dataclass(frozen=True, slots=True)
+class MailCheck:
+    """``key`` has ``count`` pending items, the newest ``max_id`` (catch-up tick)."""
+
+    key: bytes
+    count: int
+    max_id: int
+
+
+OutItem = Frame | Notify | Wake | CatchUp | Mail | MailSync | MailCheck
 
 
 @dataclass(slots=True)
@@ -88,6 +110,8 @@ class Hub:
     mailboxes: dict[bytes, set[Outbox]] = field(default_factory=dict)
     #: Called with (room, key) after a departure dropped subscriptions; tests hook it.
     on_departed: Callable[[bytes, bytes], None] | None = None
+    #: The newest log position announced per subscribed room (for the catch-up tick).
+    log_pos: dict[bytes, int] = field(default_factory=dict)
 
     # --- registration -------------------------------------------------------------------
 
@@ -101,6 +125,7 @@ class Hub:
             subs.discard(sub)
             if not subs:
                 del self.rooms[sub.room]
+                self.log_pos.pop(sub.room, None)
 
     def listen_mailbox(self, key: bytes, conn: Outbox) -> None:
         self.mailboxes.setdefault(key, set()).add(conn)
@@ -118,12 +143,22 @@ class Hub:
 
     # --- publishing ---------------------------------------------------------------------
 
-    def publish_message(self, room: bytes, msg: StoredMessage) -> None:
+    def publish_message(self, room: bytes, msg: StoredMessage, t: float = 0.0) -> None:
         for sub in list(self.rooms.get(room, ())):
-            sub.conn.offer(Notify(sub, msg))
+            sub.conn.offer(Notify(sub, msg, t))
 
-    def publish_event(self, room: bytes, frame: bytes) -> None:
+    def wake_room(self, room: bytes, seq: int, t: float = 0.0) -> None:
+        """Messages up to ``seq`` are in the database; subscribers behind it fetch them."""
+        for sub in list(self.rooms.get(room, ())):
+            if sub.active and sub.key is not None and seq >= sub.next_seq:
+                sub.conn.offer(Wake(sub, seq, t))
+
+    def publish_event(self, room: bytes, frame: bytes, pos: int | None = None) -> None:
         """A log event was appended: tell each subscribed connection once."""
+        if pos is not None and room in self.rooms:
+            if pos <= self.log_pos.get(room, -1):
+                return  # already announced (a local commit, then its catch-up)
+            self.log_pos[room] = pos
         for conn in {sub.conn for sub in self.rooms.get(room, ())}:
             conn.offer(Frame(frame))
 
@@ -138,6 +173,15 @@ class Hub:
     def deliver_mail(self, item: MailItem) -> None:
         for conn in list(self.mailboxes.get(item.recipient, ())):
             conn.offer(Mail(item))
+
+    def wake_mail(self, key: bytes) -> None:
+        """Items for ``key`` were committed elsewhere: its connections re-read the mailbox."""
+        for conn in list(self.mailboxes.get(key, ())):
+            conn.offer(MailSync(key))
+
+    def check_mail(self, key: bytes, count: int, max_id: int) -> None:
+        for conn in list(self.mailboxes.get(key, ())):
+            conn.offer(MailCheck(key, count, max_id))
 
     def counts(self) -> dict[str, int]:
         return {

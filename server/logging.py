@@ -84,6 +84,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     access.propagate = False
     access.disabled = True
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> Any:

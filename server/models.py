@@ -11,7 +11,6 @@ from __future__ import annotations
 from sqlalchemy import Index, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
 TIME_GRANULARITY = 60
 
 
@@ -131,10 +130,3 @@ class SeenNonce(Base):
 
     nonce: Mapped[bytes] = mapped_column(LargeBinary(16), primary_key=True)
     expires_at: Mapped[int] = mapped_column(Integer, index=True)
-
-
-class SchemaInfo(Base):
-    __tablename__ = "schema_info"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    version: Mapped[int] = mapped_column(Integer)

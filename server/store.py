@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import and_, delete, event, func, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -45,8 +46,6 @@ from backchannel.protocol.keys import MemberPublicKey, PreKey, PreKeyBundle, Pre
 
 from .errors import RelayError, from_protocol
 from .models import (
-    SCHEMA_VERSION,
-    Base,
     CreationToken,
     LogEvent,
     MailboxItem,
@@ -55,7 +54,6 @@ from .models import (
     Room,
     RoomMember,
     RoomMessage,
-    SchemaInfo,
     SeenNonce,
     coarse,
 )
@@ -83,22 +81,31 @@ def make_engine(url: str) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_async_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        pool_timeout=10,
+        # A database that went away must fail fast (storage_unavailable), not hang.
+        connect_args={"timeout": 5, "command_timeout": 30},
+    )
 
 
-async def create_schema(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
-    async with AsyncSession(engine) as session, session.begin():
-        info = await session.get(SchemaInfo, 1)
-        if info is None:
-            session.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
-        elif info.version != SCHEMA_VERSION:
-            raise RelayError(
-                "unsupported_schema",
-                503,
-                f"database schema version {info.version}, this relay speaks {SCHEMA_VERSION}",
-            )
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "the database cannot be reached" (not "this write is bad")."""
+    if isinstance(exc, OSError | ConnectionError | TimeoutError | PoolTimeout):
+        return True
+    if isinstance(exc, InterfaceError | OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+STORAGE_UNAVAILABLE = "storage_unavailable"
+
+
+def storage_unavailable() -> RelayError:
+    return RelayError(STORAGE_UNAVAILABLE, 503, "the database is unavailable; retry later")
 
 
 def token_hash(token: str) -> bytes:
@@ -126,14 +133,15 @@ class Batcher:
         window: float,
         max_jobs: int,
         lock: asyncio.Lock | None = None,
+        on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
         self._sessions = sessions
+        self.on_commit = on_commit
         self._window = window
         self._max = max_jobs
         self._lock = lock
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self.batch_sizes: list[int] = []  # read by metrics; trimmed by the reader
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="group-commit")
@@ -166,10 +174,10 @@ class Batcher:
                         jobs.append(self._queue.get_nowait())
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
-            self.batch_sizes.append(len(jobs))
-            if len(self.batch_sizes) > 10_000:
-                del self.batch_sizes[:5000]
+            started = time.monotonic()
             await self._commit(jobs)
+            if self.on_commit is not None:
+                self.on_commit(len(jobs), time.monotonic() - started)
 
     async def _commit(self, jobs: list[_Job]) -> None:
         results: list[tuple[_Job, bool, Any]] = []
@@ -185,11 +193,12 @@ class Batcher:
                             results.append((job, True, await job.run(session)))
                     except RelayError as exc:
                         results.append((job, False, exc))
-        except Exception:
-            if len(jobs) == 1:
-                job = jobs[0]
-                if not job.future.done():
-                    job.future.set_exception(RelayError("storage_unavailable", 503))
+        except Exception as exc:
+            if len(jobs) == 1 or unavailable(exc):
+                # Nothing was committed: every caller gets a clear error, nobody hangs.
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(storage_unavailable())
                 return
             for job in jobs:
                 await self._commit([job])
@@ -244,12 +253,15 @@ class Store:
         batch_window: float,
         batch_max: int,
         clock: Callable[[], float] = time.time,
+        on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
         self.engine = engine
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
-        self.batcher = Batcher(self.sessions, batch_window, batch_max, self._write_lock)
+        self.batcher = Batcher(
+            self.sessions, batch_window, batch_max, self._write_lock, on_commit=on_commit
+        )
         self.clock = clock
 
     @contextlib.asynccontextmanager
@@ -274,9 +286,9 @@ class Store:
         await self.batcher.stop()
         await self.engine.dispose()
 
-    async def ping(self) -> bool:
+    async def ping(self, timeout: float = 3.0) -> bool:
         try:
-            async with self.sessions() as session:
+            async with asyncio.timeout(timeout), self.sessions() as session:
                 await session.execute(select(1))
             return True
         except Exception:
@@ -839,6 +851,50 @@ class Store:
             return bundle.to_bytes()
 
         return await self.commit_once(run)
+
+    # --- the catch-up tick (see fanout.py) ---------------------------------------------
+
+    async def room_marks(self, rooms: list[bytes]) -> dict[bytes, tuple[int, int, bytes]]:
+        """``room -> (last_seq, log_len, head)`` for the listed rooms."""
+        out: dict[bytes, tuple[int, int, bytes]] = {}
+        async with self.reading() as session:
+            for i in range(0, len(rooms), 500):
+                rows = await session.execute(
+                    select(Room.id, Room.last_seq, Room.log_len, Room.head).where(
+                        Room.id.in_(rooms[i : i + 500])
+                    )
+                )
+                out.update({r.id: (r.last_seq, r.log_len, r.head) for r in rows})
+        return out
+
+    async def departed_among(self, pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The ``(room, member)`` pairs whose member has left or was removed."""
+        gone: list[tuple[bytes, bytes]] = []
+        wanted = set(pairs)
+        rooms = sorted({room for room, _ in pairs})
+        async with self.reading() as session:
+            for i in range(0, len(rooms), 500):
+                rows = await session.execute(
+                    select(RoomMember.room_id, RoomMember.member).where(
+                        RoomMember.room_id.in_(rooms[i : i + 500]),
+                        RoomMember.left_pos.is_not(None),
+                    )
+                )
+                gone += [(r.room_id, r.member) for r in rows if (r.room_id, r.member) in wanted]
+        return gone
+
+    async def mailbox_marks(self, keys: list[bytes]) -> dict[bytes, tuple[int, int]]:
+        """``recipient -> (pending count, newest id)`` for recipients with pending items."""
+        out: dict[bytes, tuple[int, int]] = {}
+        async with self.reading() as session:
+            for i in range(0, len(keys), 500):
+                rows = await session.execute(
+                    select(MailboxItem.recipient, func.count(), func.max(MailboxItem.id))
+                    .where(MailboxItem.recipient.in_(keys[i : i + 500]))
+                    .group_by(MailboxItem.recipient)
+                )
+                out.update({r[0]: (int(r[1]), int(r[2])) for r in rows})
+        return out
 
     # --- housekeeping -------------------------------------------------------------------
 

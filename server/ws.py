@@ -26,8 +26,22 @@ from backchannel.protocol import relayauth
 
 from . import frames as F
 from .errors import RelayError
-from .hub import CatchUp, Frame, Hub, Mail, MailSync, Notify, OutItem, Subscription
+from .fanout import FANOUT_UNAVAILABLE, Fanout
+from .hub import (
+    CatchUp,
+    Frame,
+    Hub,
+    Mail,
+    MailCheck,
+    MailSync,
+    Notify,
+    OutItem,
+    Subscription,
+    Wake,
+)
 from .logging import get_logger
+from .metrics import Metrics
+from .store import STORAGE_UNAVAILABLE, unavailable
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -97,11 +111,21 @@ class _Closing(Exception):
 
 
 class Connection:
-    def __init__(self, ws: WebSocket, settings: Settings, store: Store, hub: Hub) -> None:
+    def __init__(
+        self,
+        ws: WebSocket,
+        settings: Settings,
+        store: Store,
+        hub: Hub,
+        fanout: Fanout,
+        metrics: Metrics,
+    ) -> None:
         self.ws = ws
         self.settings = settings
         self.store = store
         self.hub = hub
+        self.fanout = fanout
+        self.metrics = metrics
         self.origin = settings.origin()
         self.outbox: asyncio.Queue[OutItem] = asyncio.Queue(settings.send_queue_depth)
         self.keys: set[bytes] = set()
@@ -139,7 +163,12 @@ class Connection:
         await self.put(Frame(data))
 
     async def error(self, code: str, detail: str, ref: str | bytes | None = None) -> None:
+        self.metrics.error(code)
         await self.send(F.error_frame(code, detail, ref))
+
+    async def _out(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+        self.metrics.bytes_out.inc(len(data))
 
     async def _abort(self, code: str, detail: str, close_code: int = CLOSE_POLICY) -> None:
         """Close this connection from outside its reader (a full outbox)."""
@@ -162,7 +191,7 @@ class Connection:
 
     async def run(self) -> None:
         self.reader = asyncio.current_task()
-        await self.ws.send_bytes(F.server_frame("challenge", nonce=self.nonce, origin=self.origin))
+        await self._out(F.server_frame("challenge", nonce=self.nonce, origin=self.origin))
         self.writer = asyncio.create_task(self._write_loop())
         try:
             await self._authenticate()
@@ -198,6 +227,7 @@ class Connection:
             await self.error("malformed", "frames are binary")
             raise _Closing(CLOSE_UNSUPPORTED)
         data = message.get("bytes") or b""
+        self.metrics.bytes_in.inc(len(data))
         return bytes(data)
 
     async def _parse(self, data: bytes) -> F.ClientFrame | None:
@@ -265,7 +295,15 @@ class Connection:
         elif isinstance(frame, F.Ping):
             await self.send(F.server_frame("pong"))
         elif isinstance(frame, F.Sub):
-            await self._sub(frame)
+            try:
+                await self._sub(frame)
+            except Exception as exc:
+                if not unavailable(exc):
+                    raise
+                sub = self.subs.pop(frame.room, None)
+                if sub is not None:
+                    self.hub.unsubscribe(sub)
+                await self.error(STORAGE_UNAVAILABLE, "the database is unavailable", "sub")
         elif isinstance(frame, F.Unsub):
             sub = self.subs.pop(frame.room, None)
             if sub is not None:
@@ -322,6 +360,12 @@ class Connection:
         if not self.bucket.take():
             await self.error("rate_limited", "slow down", frame.cid)
             return
+        if not self.fanout.available:
+            # Other instances would not hear of it: refuse rather than half-deliver.
+            await self.error(
+                FANOUT_UNAVAILABLE, "fan-out (Redis) is unavailable; retry later", frame.cid
+            )
+            return
         self._spawn(self._store_send(frame))
 
     async def _store_send(self, frame: F.Send | F.PSend) -> None:
@@ -332,7 +376,8 @@ class Connection:
                 )
                 await self.send(F.server_frame("sent", room=frame.room, cid=frame.cid, seq=msg.seq))
                 if fresh:
-                    self.hub.publish_message(frame.room, msg)
+                    self.metrics.messages_in.labels("room").inc()
+                    self.fanout.message(frame.room, msg)
             else:
                 item, fresh = await self.store.mailbox_put(
                     frame.to,
@@ -344,7 +389,8 @@ class Connection:
                 )
                 await self.send(F.server_frame("psent", cid=frame.cid, id=item.id))
                 if fresh:
-                    self.hub.deliver_mail(item)
+                    self.metrics.messages_in.labels("pairwise").inc()
+                    self.fanout.mail(item)
         except RelayError as exc:
             await self.error(exc.code, exc.detail, frame.cid)
 
@@ -370,29 +416,50 @@ class Connection:
                     self.outbox.task_done()
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
+            if unavailable(exc) and not self.closing:
+                # A catch-up read failed: close, so the client reconnects and
+                # resumes from its cursor once the database is back.
+                self.closing = True
+                self.hub.forget(self, self.keys, list(self.subs.values()))
+                self.metrics.error(STORAGE_UNAVAILABLE)
+                self._spawn(
+                    self._abort(STORAGE_UNAVAILABLE, "the database is unavailable", CLOSE_TRY_LATER)
+                )
+                return
             # The socket went away under us; the reader notices and cleans up.
             self.closing = True
 
     async def _write(self, item: OutItem) -> None:
         if isinstance(item, Frame):
-            await self.ws.send_bytes(item.data)
+            await self._out(item.data)
         elif isinstance(item, Notify):
             sub, msg = item.sub, item.msg
-            if not sub.active or msg.seq < sub.next_seq:
+            # Nothing live before membership is confirmed: the CatchUp queued after
+            # the check reads everything from the database anyway.
+            if not sub.active or sub.key is None or msg.seq < sub.next_seq:
                 return
             if msg.seq == sub.next_seq:
                 await self._deliver(sub, msg)
             else:
                 await self._fetch(sub, upto=msg.seq)
+            self.metrics.fanout_latency.observe(time.monotonic() - item.t)
+        elif isinstance(item, Wake):
+            if item.sub.active and item.sub.key is not None and item.seq >= item.sub.next_seq:
+                await self._fetch(item.sub, upto=item.seq)
+                self.metrics.fanout_latency.observe(time.monotonic() - item.t)
         elif isinstance(item, CatchUp):
             await self._fetch(item.sub, upto=None)
             if item.sub.active:
-                await self.ws.send_bytes(
+                await self._out(
                     F.server_frame("synced", room=item.sub.room, seq=item.sub.next_seq - 1)
                 )
         elif isinstance(item, Mail):
             await self._deliver_mail(item.item)
+        elif isinstance(item, MailCheck):
+            seen = self.delivered.get(item.key)
+            if seen is not None and (item.max_id not in seen or item.count > len(seen)):
+                await self._write(MailSync(item.key))
         else:
             after = 0
             while True:
@@ -417,17 +484,17 @@ class Connection:
                 return
 
     async def _deliver(self, sub: Subscription, msg: StoredMessage) -> None:
-        await self.ws.send_bytes(
-            F.server_frame("msg", room=sub.room, seq=msg.seq, data=msg.data, ts=msg.ts)
-        )
+        await self._out(F.server_frame("msg", room=sub.room, seq=msg.seq, data=msg.data, ts=msg.ts))
         sub.next_seq = msg.seq + 1
+        self.metrics.messages_out.labels("room").inc()
 
     async def _deliver_mail(self, item: MailItem) -> None:
         seen = self.delivered.get(item.recipient)
         if seen is None or item.id in seen:
             return
         seen.add(item.id)
-        await self.ws.send_bytes(
+        self.metrics.messages_out.labels("pairwise").inc()
+        await self._out(
             F.server_frame(
                 "pmsg",
                 id=item.id,
@@ -444,15 +511,18 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     state = ws.app.state
     address = ws.client.host if ws.client else ""
     limiter: ConnectionLimiter = state.limiter
+    metrics: Metrics = state.metrics
     if not limiter.acquire(address):
+        metrics.error("too_many_connections")
         await ws.accept()
         with contextlib.suppress(Exception):
             await ws.send_bytes(F.error_frame("too_many_connections", "try again later"))
             await ws.close(CLOSE_TRY_LATER)
         return
+    metrics.connections.inc()
     try:
         await ws.accept()
-        conn = Connection(ws, state.settings, state.store, state.hub)
+        conn = Connection(ws, state.settings, state.store, state.hub, state.fanout, metrics)
         await conn.run()
     except Exception as exc:
         state.internal_errors += 1
@@ -460,4 +530,5 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         with contextlib.suppress(Exception):
             await ws.close(1011)
     finally:
+        metrics.connections.dec()
         limiter.release(address)

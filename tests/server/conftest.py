@@ -1,6 +1,8 @@
 """Fixtures for relay tests: a real uvicorn on 127.0.0.1 over SQLite, and over
-PostgreSQL when BACKCHANNEL_TEST_POSTGRES_URL is set (each test gets a fresh
-schema: the tables are dropped before the relay creates them again)."""
+PostgreSQL when BACKCHANNEL_TEST_POSTGRES_URL is set. Each test gets an empty
+database (a new SQLite file; PostgreSQL's ``public`` schema dropped and made
+again), which the relay initialises at start-up by running the real Alembic
+migrations, exactly as on a fresh install."""
 
 from __future__ import annotations
 
@@ -12,10 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from backchannel.server import logging as relay_logging
 from backchannel.server.config import CONFIG_ENV, Settings
-from backchannel.server.models import Base
 from backchannel.server.store import make_engine
 
 from .helpers import POSTGRES_ENV, FakeClock, RelayServer
@@ -46,11 +48,17 @@ async def fresh_database(backend: str, tmp_path: Path) -> str:
     if backend == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
     url = os.environ[POSTGRES_ENV]
+    await empty_postgres(url)
+    return url
+
+
+async def empty_postgres(url: str) -> None:
+    """Drop everything in the test database (tables, alembic_version, sequences)."""
     engine = make_engine(url)
     async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.drop_all)
+        await conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        await conn.execute(text("CREATE SCHEMA public"))
     await engine.dispose()
-    return url
 
 
 RelayFactory = Callable[..., RelayServer]

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -68,7 +69,9 @@ class RelayServer:
 
     def _run(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+        # SystemExit is uvicorn's answer to a failed start-up (the lifespan raised).
+        with contextlib.suppress(SystemExit):
+            self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
 
     @property
     def url(self) -> str:
@@ -95,6 +98,7 @@ class RelayServer:
         deadline = time.monotonic() + 15
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
                 raise RuntimeError("relay did not start")
             time.sleep(0.01)
         return self

@@ -213,3 +213,69 @@ async def test_token_purge_and_stats(tmp_path: Path) -> None:
     r = run_cli(tmp_path, "purge", "--data-dir", str(data_dir))
     assert r.returncode == 0
     assert "room_messages: 4" in r.stdout
+
+
+def _at_baseline(db: Path) -> None:
+    """A database left at revision 0001 (as an older relay would leave it)."""
+    import asyncio
+
+    from backchannel.server.migrate import BASELINE, upgrade
+    from backchannel.server.store import make_engine
+
+    async def run() -> None:
+        engine = make_engine(f"sqlite+aiosqlite:///{db}")
+        await upgrade(engine, BASELINE)
+        await engine.dispose()
+
+    asyncio.run(run())
+
+
+def test_serve_refuses_schema_behind_then_migrate_fixes_it(
+    tmp_path: Path, served: list[Served]
+) -> None:
+    from backchannel.server.migrate import BASELINE, head_revision
+
+    data_dir = tmp_path / "data"
+    _at_baseline(data_dir / "relay.db")
+    r = run_cli(tmp_path, "serve", "--port", "0", "--data-dir", str(data_dir))
+    assert r.returncode != 0
+    assert r.stdout == ""
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "behind" in errors[0]
+    assert "backchannel-relay migrate" in errors[0]
+    assert "Traceback" not in r.stderr
+    # admin commands refuse too, rather than touching an old schema
+    assert run_cli(tmp_path, "admin", "stats", "--data-dir", str(data_dir)).returncode != 0
+
+    r = run_cli(tmp_path, "migrate", "--data-dir", str(data_dir))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"schema migrated: {BASELINE} -> {head_revision()}"
+    r = run_cli(tmp_path, "migrate", "--data-dir", str(data_dir))
+    assert r.stdout.strip() == f"schema already current ({head_revision()})"
+    s = Served(["--port", "0", "--data-dir", str(data_dir)], env_for(tmp_path))
+    served.append(s)
+    assert httpx.get(f"{s.url}/readyz").status_code == 200
+    s.stop()
+
+
+def test_serve_migrate_flag_and_setting(tmp_path: Path, served: list[Served]) -> None:
+    for i, (args, env) in enumerate(
+        [(["--migrate"], {}), ([], {"BACKCHANNEL_RELAY_AUTO_MIGRATE": "true"})]
+    ):
+        data_dir = tmp_path / f"data{i}"
+        _at_baseline(data_dir / "relay.db")
+        s = Served(["--port", "0", "--data-dir", str(data_dir), *args], env_for(tmp_path, **env))
+        served.append(s)
+        assert httpx.get(f"{s.url}/readyz").json()["checks"]["schema"] == "ok"
+        s.stop()
+
+
+def test_migrate_cannot_reach_database_is_one_line(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    url = f"postgresql+asyncpg://relay:s3cret@127.0.0.1:{port}/relay"
+    r = run_cli(tmp_path, "migrate", "--database-url", url)
+    assert r.returncode != 0
+    assert "cannot reach the database" in r.stderr
+    assert "s3cret" not in r.stderr
+    assert "Traceback" not in r.stderr

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 from pathlib import Path
+from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 
+from backchannel.protocol.encoding import decode
 from backchannel.server.models import Base
 
 from .conftest import LOG_STREAM, RelayFactory
-from .helpers import TestRoom, WSClient, make_upload, signed_get, upload
+from .helpers import TestRoom, WSClient, make_upload, signed_get, upload, wait_until
+
+REDIS_ENV = "BACKCHANNEL_TEST_REDIS_URL"
 
 #: Every column the relay stores. A new one must be reviewed against DESIGN.md §4
 #: ("only what routing needs") before it is added here.
@@ -25,7 +31,6 @@ EXPECTED_SCHEMA = {
     "prekey_marks": {"member", "kind", "max_id"},
     "creation_tokens": {"token_hash", "created_at"},
     "seen_nonces": {"nonce", "expires_at"},
-    "schema_info": {"id", "version"},
 }
 SUSPICIOUS = ("name", "title", "display", "affiliation", "ip", "addr", "host", "email", "text")
 
@@ -51,7 +56,19 @@ async def test_logs_and_database_carry_no_ids_keys_or_addresses(
     relay_factory: RelayFactory, tmp_path: Path, backend: str
 ) -> None:
     mark = len(LOG_STREAM.getvalue())
-    relay = relay_factory(log_level="debug")
+    # With Redis available, the fan-out path is covered too: what crosses the channel
+    # is captured and checked (route data only, never a payload or a sender).
+    redis_url = os.environ.get(REDIS_ENV)
+    channel = f"backchannel:test:{os.urandom(8).hex()}"
+    notes: list[Any] = []
+    listener = None
+    if redis_url:
+        listener = asyncio.create_task(_listen(redis_url, channel, notes))
+        await asyncio.sleep(0.2)
+    relay = relay_factory(
+        log_level="debug", redis_url=redis_url, redis_channel=channel, catch_up_interval_seconds=0.2
+    )
+    wait_until(lambda: relay.app.state.fanout.available)
     async with httpx.AsyncClient(base_url=relay.url) as http:
         room = await TestRoom.create(http)
         bob = await room.add_member()
@@ -62,16 +79,40 @@ async def test_logs_and_database_carry_no_ids_keys_or_addresses(
         b = await WSClient.connect(relay, [bob])
         await b.send_frame("sub", room=room.id, after=0)
         await b.expect("synced")
-        for _ in range(3):
-            await a.send_msg(room.id, room.facilitator, os.urandom(64))
+        payloads = [os.urandom(64) for _ in range(3)]
+        for data in payloads:
+            await a.send_msg(room.id, room.facilitator, data)
+        cid = os.urandom(16)
+        await a.send_frame(
+            "psend",
+            room=room.id,
+            from_=room.facilitator.public.sign,
+            to=bob.public.sign,
+            cid=cid,
+            data=payloads[0],
+        )
+        await a.expect_reply("psent", cid)
         await b.send(b"garbage")
         await b.expect("error")
         await room.remove(bob)
         await b.expect("removed")
+        await asyncio.sleep(0.5)  # a few catch-up ticks
+        ops = (await http.get("/metrics")).text + (await http.get("/readyz")).text
         await a.close()
         await b.close()
     await relay.astop()
     logs = LOG_STREAM.getvalue()[mark:]
+    if listener is not None:
+        listener.cancel()
+        assert {n["k"] for n in notes} == {"m", "e", "p"}
+        for note in notes:
+            assert set(note) <= {"v", "i", "k", "r", "s", "p", "h", "g", "to"}
+            assert room.facilitator.public.sign not in note.values()  # no sender
+            assert not any(data in note.values() for data in payloads)
+    for secret in [room.id, room.facilitator.public.sign, bob.public.sign]:
+        for spelling in _spellings(secret):
+            assert spelling not in ops
+    assert "127.0.0.1" not in ops
     assert "room.created" in logs
     assert "ws.authenticated" in logs
     secrets = [room.id, room.facilitator.public.sign, bob.public.sign, bob.public.dh]
@@ -82,3 +123,15 @@ async def test_logs_and_database_carry_no_ids_keys_or_addresses(
     if backend == "sqlite":
         raw = b"".join(p.read_bytes() for p in tmp_path.glob("relay.db*"))
         assert b"127.0.0.1" not in raw
+
+
+async def _listen(url: str, channel: str, notes: list[Any]) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        async with client.pubsub() as pubsub:
+            await pubsub.subscribe(channel)
+            async for message in pubsub.listen():
+                if message["type"] == "message":
+                    notes.append(decode(message["data"], max_size=4096))
+    finally:
+        await client.aclose()

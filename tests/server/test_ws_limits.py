@@ -144,8 +144,10 @@ async def test_rate_limit(relay_factory: RelayFactory) -> None:
 
 async def test_slow_consumer_is_dropped_alone(relay_factory: RelayFactory) -> None:
     relay = relay_factory(
-        # A commit publishes up to batch_max messages at once: the depth must exceed it.
-        send_queue_depth=20,
+        # A commit publishes up to batch_max messages at once: the depth must exceed it,
+        # with room for a busy machine (the fast reader shares this process's CPU); the
+        # slow one still overflows: 100 frames > depth + what the socket buffers hold.
+        send_queue_depth=40,
         batch_max=4,
         rate_burst=1000,
         rate_messages_per_second=1000.0,
