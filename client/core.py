@@ -822,6 +822,8 @@ class Client:
         the answer to a later ``ping``, so everything that was waiting has
         arrived by then. ``idle`` then only bounds the wait for stragglers.
         """
+        if not sock.authenticated:
+            return  # no active room here: the relay has nothing for us
         by_id = {r.room_id: r for r in rooms}
         await sock.send("ping")
         caught_up = False

@@ -225,6 +225,8 @@ class RelaySocket:
         self.origin = origin
         self._nonce: bytes | None = None
         self._pending: dict[bytes, asyncio.Future[Frame]] = {}
+        #: Whether the relay accepted at least one key: it answers nothing else before.
+        self.authenticated = False
         self.inbox: asyncio.Queue[Frame | RelayError] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
 
@@ -266,6 +268,7 @@ class RelaySocket:
             if frame.type == "challenge":
                 self._nonce = _bytes(frame["nonce"])
             elif frame.type == "ready":
+                self.authenticated = True
                 return
             else:
                 self.inbox.put_nowait(frame)

@@ -22,6 +22,7 @@ from .auth import b64d, b64e, verify_request
 from .config import Settings
 from .errors import RelayError, from_protocol
 from .fanout import Fanout
+from .frames import MAX_POSITION
 from .logging import get_logger
 from .metrics import CONTENT_TYPE_LATEST
 from .migrate import schema_state
@@ -177,7 +178,9 @@ async def read_events(
     room_id: str,
     key: SignedKey,
     store: StoreDep,
-    after: Annotated[int, Query(ge=-1, description="return events with pos > after")] = -1,
+    after: Annotated[
+        int, Query(ge=-1, le=MAX_POSITION, description="return events with pos > after")
+    ] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ) -> Any:
     """The log after a position. Signed by a current member key, or by a departed

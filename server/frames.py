@@ -22,6 +22,10 @@ CID_SIZE: Final = 16
 NONCE_SIZE: Final = 32
 #: Hard cap on list lengths in one frame; the configured limits are lower.
 MAX_LIST: Final = 1024
+#: Largest sequence number, log position or mailbox id: the databases' 32-bit
+#: integer columns (PostgreSQL ``integer``), so no value from a client can
+#: overflow a query.
+MAX_POSITION: Final = (1 << 31) - 1
 
 
 class FrameError(Exception):
@@ -126,7 +130,7 @@ def _parse(kind: str, r: Reader) -> ClientFrame:
             raise perr.DecodeError("auth: no keys")
         return Auth(tuple(keys))
     if kind == "sub":
-        return Sub(r.blob("room", KEY_SIZE), r.integer("after", 0))
+        return Sub(r.blob("room", KEY_SIZE), r.integer("after", 0, MAX_POSITION))
     if kind == "unsub":
         return Unsub(r.blob("room", KEY_SIZE))
     if kind == "send":
@@ -147,7 +151,7 @@ def _parse(kind: str, r: Reader) -> ClientFrame:
     if kind == "ack":
         ids = []
         for item in r.array("ids", MAX_LIST):
-            if isinstance(item, bool) or not isinstance(item, int) or not 0 < item < 1 << 63:
+            if isinstance(item, bool) or not isinstance(item, int) or not 0 < item <= MAX_POSITION:
                 raise perr.DecodeError("ack: ids must be positive integers")
             ids.append(item)
         return Ack(tuple(ids))

@@ -64,6 +64,9 @@ ONE_TIME_KINDS = ("opk", "kem")
 REPLACED_KINDS = ("spk", "kem-lr")
 
 
+SQLITE_BEGIN = "backchannel_sqlite_begin"
+
+
 def make_engine(url: str) -> AsyncEngine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -79,6 +82,17 @@ def make_engine(url: str) -> AsyncEngine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+            # We issue BEGIN ourselves (below), so the driver must not.
+            dbapi_conn.isolation_level = None
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # A write transaction takes the write lock up front (BEGIN IMMEDIATE):
+            # SQLite waits out a busy lock only then. A deferred transaction that
+            # reads first and writes later fails at once when another process
+            # holds the lock, whatever the busy timeout.
+            mode = conn.get_execution_options().get(SQLITE_BEGIN, "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
     return create_async_engine(
@@ -259,8 +273,15 @@ class Store:
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self.writing = (
+            async_sessionmaker(
+                engine.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"}), expire_on_commit=False
+            )
+            if self.is_sqlite
+            else self.sessions
+        )
         self.batcher = Batcher(
-            self.sessions, batch_window, batch_max, self._write_lock, on_commit=on_commit
+            self.writing, batch_window, batch_max, self._write_lock, on_commit=on_commit
         )
         self.clock = clock
 
@@ -269,7 +290,7 @@ class Store:
         """A read-write transaction (serialised with other writers on SQLite)."""
         async with (
             self._write_lock if self._write_lock else contextlib.nullcontext(),
-            self.sessions() as session,
+            self.writing() as session,
             session.begin(),
         ):
             yield session

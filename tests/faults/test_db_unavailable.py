@@ -109,14 +109,6 @@ async def replayed(client: WSClient, room: bytes, count: int) -> dict[int, bytes
     return got
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a lock far shorter than SQLite's 30 s busy timeout is not waited out: the "
-    "group commit reads (SAVEPOINT, SELECT) before it writes, and SQLite does not call the "
-    "busy handler when a read transaction must upgrade to write, so every send during even "
-    "a brief external write lock (e.g. `backchannel-relay admin token create` or `purge` on "
-    "the live file) fails at once with storage_unavailable",
-)
 async def test_short_lock_only_delays(tmp_path: Path, relays: list[RelayServer]) -> None:
     relay = start_relay(tmp_path)
     relays.append(relay)
