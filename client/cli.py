@@ -151,7 +151,7 @@ def errors() -> Iterator[None]:
         err("interrupted")
 
 
-def run(work: Callable[[Client], Awaitable[T]], *, create: bool = False) -> T:
+def run(work: Callable[[Client], Awaitable[T]]) -> T:
     with errors():
         store = Store.open(OPTS.home, passphrase())
         client = Client(store, proxy=OPTS.proxy)
@@ -350,8 +350,7 @@ def members(
 
     async def work(c: Client) -> list[Any]:
         r = c.room(room)
-        with_sync = r.status == "active"
-        if with_sync:
+        if r.status == "active":
             await c.sync_log(r)
         return c.members(r)
 
