@@ -54,7 +54,7 @@ from backchannel.protocol.senderkey import (
 )
 
 from .relay import Frame, RelayError, RelayHttp, RelaySocket
-from .store import Store
+from .store import Store, StoreError
 
 ONE_TIME_PREKEYS = 20
 KEM_PREKEYS = 5
@@ -71,6 +71,7 @@ SIGNED_PREKEY_MAX_AGE = 30 * 86_400
 SIGNED_PREKEY_ROTATE = 7 * 86_400
 
 Status = Literal["active", "removed", "left", "compromised"]
+ROOM_RECORD_VERSION = 1
 
 
 class ClientError(Exception):
@@ -111,6 +112,7 @@ class Room:
             "relay": self.relay,
             "status": self.status,
             "title": self.title,
+            "v": ROOM_RECORD_VERSION,
         }
         if self.problem:
             out["problem"] = self.problem
@@ -119,7 +121,9 @@ class Room:
     @classmethod
     def from_bytes(cls, data: bytes) -> Room:
         v = decode(data, max_size=64 << 20)
-        assert isinstance(v, dict)
+        if not isinstance(v, dict) or v.get("v") != ROOM_RECORD_VERSION:
+            # Written by another release of the client: say so rather than guess.
+            raise StoreError("this profile was written by another version of backchannel")
         return cls(
             room_id=_b(v["id"]),
             name=str(v["name"]),
