@@ -46,7 +46,7 @@ STEP_TIMEOUT = 60.0
 class Target:
     kind: str  # "relay" or "baseline"
     port: int
-    compression: bool = True
+    compression: bool = False
 
     @property
     def origin(self) -> str:

@@ -234,7 +234,8 @@ class RelaySocket:
     async def connect(
         cls, url: str, keys: list[MemberKeyPair], *, proxy: str | None = None
     ) -> RelaySocket:
-        kwargs: dict[str, Any] = {"max_size": MAX_FRAME, "open_timeout": 20}
+        # Frames are ciphertext: compression would gain nothing.
+        kwargs: dict[str, Any] = {"max_size": MAX_FRAME, "open_timeout": 20, "compression": None}
         if proxy:
             kwargs["proxy"] = proxy
         try:

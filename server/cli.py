@@ -78,6 +78,9 @@ def uvicorn_config(asgi: Any, settings: Settings) -> uvicorn.Config:
         # Frames up to twice the limit reach the relay, which answers
         # `frame_too_large`; bigger ones are cut off by the WebSocket layer (1009).
         ws_max_size=2 * settings.max_frame_bytes,
+        # Ciphertext does not compress; per-connection zlib state would cost about
+        # 40 KiB of memory per connection and CPU on every frame for nothing.
+        ws_per_message_deflate=False,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         server_header=False,

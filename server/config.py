@@ -136,7 +136,12 @@ class Settings(BaseSettings):
 
     # --- durability and housekeeping ---------------------------------------------
     batch_window_ms: float = Field(
-        2.0, ge=0, description="Group commit: how long a write waits for company."
+        0.0,
+        ge=0,
+        description=(
+            "Group commit: how long a write waits for company. 0 (the default) commits at "
+            "once and batches whatever arrived while the previous commit was on disk."
+        ),
     )
     batch_max: int = Field(256, ge=1, description="Group commit: most writes per transaction.")
     catch_up_interval_seconds: float = Field(
