@@ -1024,7 +1024,7 @@ class Client:
             try:
                 body = key.open(envelope, authorise=lambda env: self._authorise(room, env))
             except NotInEpoch:
-                pass
+                pass  # sent before we joined or after we left: not ours to read
             except ForkDetected:
                 fork = True
             except DuplicateMessage:
