@@ -214,16 +214,20 @@ def migrate_command(
         typer.echo(f"schema migrated: {before} -> {after}")
 
 
+def _print_counts(settings: Settings, method: str) -> None:
+    """Run a store method that returns counts and print them, one ``name: value`` a line."""
+    configure(settings.log_level)
+    counts = asyncio.run(_with_store(settings, lambda store: getattr(store, method)()))
+    for name, value in counts.items():
+        typer.echo(f"{name}: {value}")
+
+
 @app.command()
 def purge(
     database_url: DatabaseOpt = None, data_dir: DataDirOpt = None, config: ConfigOpt = None
 ) -> None:
     """Delete expired ciphertext now and print how much went."""
-    settings = load_settings(config, database_url=database_url, data_dir=data_dir)
-    configure(settings.log_level)
-    counts = asyncio.run(_with_store(settings, lambda s: s.purge()))
-    for name, value in counts.items():
-        typer.echo(f"{name}: {value}")
+    _print_counts(load_settings(config, database_url=database_url, data_dir=data_dir), "purge")
 
 
 @admin.command("stats")
@@ -231,11 +235,7 @@ def stats(
     database_url: DatabaseOpt = None, data_dir: DataDirOpt = None, config: ConfigOpt = None
 ) -> None:
     """Print counts (rooms, messages, mailbox items, bytes); nothing that names a room or key."""
-    settings = load_settings(config, database_url=database_url, data_dir=data_dir)
-    configure(settings.log_level)
-    counts = asyncio.run(_with_store(settings, lambda s: s.stats()))
-    for name, value in counts.items():
-        typer.echo(f"{name}: {value}")
+    _print_counts(load_settings(config, database_url=database_url, data_dir=data_dir), "stats")
 
 
 @token.command("create")
