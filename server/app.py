@@ -25,16 +25,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import api, retention
 from .config import Settings
 from .errors import RelayError
-from .fanout import Fanout
-from .hub import Hub
+from .handlers import retention
+from .handlers.fanout import Fanout
+from .handlers.hub import Hub
 from .logging import get_logger
 from .metrics import Metrics
 from .migrate import SchemaNotCurrent, ensure_schema
-from .store import Store, make_engine, storage_unavailable, unavailable
-from .ws import ConnectionLimiter, websocket_endpoint
+from .rest import routes
+from .rest.ws import ConnectionLimiter, websocket_endpoint
+from .storage import Store, make_engine, storage_unavailable, unavailable
 
 log = get_logger("backchannel.relay")
 
@@ -160,8 +161,8 @@ def create_app(
         settings.max_connections, settings.max_connections_per_address
     )
     app.state.internal_errors = 0
-    app.include_router(api.router)
-    app.include_router(api.health)
+    app.include_router(routes.router)
+    app.include_router(routes.health)
     app.add_api_websocket_route("/v1/ws", websocket_endpoint)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 

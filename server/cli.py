@@ -23,7 +23,7 @@ from .app import create_app
 from .config import CONFIG_ENV, Settings
 from .logging import configure
 from .migrate import SchemaNotCurrent, ensure_schema, head_revision, schema_state, upgrade
-from .store import Store, make_engine, unavailable
+from .storage import Store, make_engine, unavailable
 
 app = typer.Typer(
     help="The backchannel relay: stores and forwards ciphertext for backchannel rooms.",

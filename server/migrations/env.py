@@ -16,8 +16,8 @@ from typing import Any
 from alembic import context
 from sqlalchemy import text
 
-from backchannel.server.models import Base
-from backchannel.server.store import make_engine
+from backchannel.server.storage import make_engine
+from backchannel.server.storage.models import Base
 
 #: Arbitrary constant: the advisory-lock key for "a relay is migrating".
 MIGRATION_LOCK = 0x6263_7265_6C61_79  # "bcrelay"

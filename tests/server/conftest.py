@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from backchannel.server import logging as relay_logging
 from backchannel.server.config import CONFIG_ENV, Settings
-from backchannel.server.store import make_engine
+from backchannel.server.storage import make_engine
 
 from .helpers import POSTGRES_ENV, FakeClock, RelayServer
 

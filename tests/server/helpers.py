@@ -34,9 +34,9 @@ from backchannel.protocol.keys import (
     generate_x25519_prekey,
 )
 from backchannel.server.app import create_app
-from backchannel.server.auth import b64d, b64e
 from backchannel.server.cli import bind, uvicorn_config
 from backchannel.server.config import Settings
+from backchannel.server.rest.auth import b64d, b64e
 
 POSTGRES_ENV = "BACKCHANNEL_TEST_POSTGRES_URL"
 

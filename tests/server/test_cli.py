@@ -220,7 +220,7 @@ def _at_baseline(db: Path) -> None:
     import asyncio
 
     from backchannel.server.migrate import BASELINE, upgrade
-    from backchannel.server.store import make_engine
+    from backchannel.server.storage import make_engine
 
     async def run() -> None:
         engine = make_engine(f"sqlite+aiosqlite:///{db}")

@@ -23,8 +23,8 @@ from backchannel.server.migrate import (
     schema_state,
     upgrade,
 )
-from backchannel.server.models import Base
-from backchannel.server.store import make_engine
+from backchannel.server.storage import make_engine
+from backchannel.server.storage.models import Base
 
 from .conftest import BACKENDS, RelayFactory
 from .helpers import RelayServer, TestRoom

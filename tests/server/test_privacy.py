@@ -12,7 +12,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from backchannel.protocol.encoding import decode
-from backchannel.server.models import Base
+from backchannel.server.storage.models import Base
 
 from .conftest import LOG_STREAM, RelayFactory
 from .helpers import TestRoom, WSClient, make_upload, signed_get, upload, wait_until

@@ -174,7 +174,7 @@ async def test_log_event_notifications(http: httpx.AsyncClient, relay: RelayServ
     assert ev["pos"] == appended["pos"]
     assert ev["head"].hex() == appended["head"]
     # set_rules updated the room's retention.
-    from backchannel.server.models import Room
+    from backchannel.server.storage.models import Room
 
     async def retention() -> int:
         async with relay.store.reading() as s:

@@ -2,8 +2,8 @@
 
 Ids travel hex-encoded in paths, binary blobs as unpadded base64url in bodies.
 Every error is ``{"error": {"code": ..., "detail": ...}}`` with a 4xx status
-(see :mod:`.app` for the handlers). Documented in docs/relay-api.md and the
-OpenAPI schema at ``/openapi.json``.
+(see :mod:`backchannel.server.app` for the handlers). Documented in
+docs/relay-api.md and the OpenAPI schema at ``/openapi.json``.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from backchannel.protocol import errors as perr
 from backchannel.protocol import roomlog
 from backchannel.protocol.keys import PreKeyUpload
 
+from ..config import Settings
+from ..errors import RelayError, from_protocol
+from ..frames import MAX_POSITION
+from ..handlers.fanout import Fanout
+from ..logging import get_logger
+from ..metrics import CONTENT_TYPE_LATEST
+from ..migrate import schema_state
+from ..storage import Store
 from .auth import b64d, b64e, verify_request
-from .config import Settings
-from .errors import RelayError, from_protocol
-from .fanout import Fanout
-from .frames import MAX_POSITION
-from .logging import get_logger
-from .metrics import CONTENT_TYPE_LATEST
-from .migrate import schema_state
-from .store import Store
 
 log = get_logger("backchannel.relay.api")
 

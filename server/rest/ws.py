@@ -24,10 +24,10 @@ from backchannel.protocol import errors as perr
 from backchannel.protocol import primitives as P
 from backchannel.protocol import relayauth
 
-from . import frames as F
-from .errors import RelayError
-from .fanout import FANOUT_UNAVAILABLE, Fanout
-from .hub import (
+from .. import frames as F
+from ..errors import RelayError
+from ..handlers.fanout import FANOUT_UNAVAILABLE, Fanout
+from ..handlers.hub import (
     CatchUp,
     Frame,
     Hub,
@@ -39,13 +39,13 @@ from .hub import (
     Subscription,
     Wake,
 )
-from .logging import get_logger
-from .metrics import Metrics
-from .store import STORAGE_UNAVAILABLE, unavailable
+from ..logging import get_logger
+from ..metrics import Metrics
+from ..storage import STORAGE_UNAVAILABLE, unavailable
 
 if TYPE_CHECKING:
-    from .config import Settings
-    from .store import MailItem, Store, StoredMessage
+    from ..config import Settings
+    from ..storage import MailItem, Store, StoredMessage
 
 log = get_logger("backchannel.relay.ws")
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 
-from .logging import get_logger
-from .store import Store
+from ..logging import get_logger
+from ..storage import Store
 
 log = get_logger("backchannel.relay.retention")
 

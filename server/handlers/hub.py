@@ -6,12 +6,12 @@ connections that authenticated it (for pairwise mailboxes). Publishing never
 awaits: it offers an item to each connection's bounded outbox; a connection
 whose outbox is full is closed with ``too_slow`` and nothing else is affected.
 What is delivered, and in which order, is decided by the connection's writer
-against the database (see :mod:`.ws`), so a missed or reordered notification
-is repaired from the database by cursor. With several instances,
-:mod:`.fanout` calls the ``wake_*`` methods for commits made elsewhere (a
-Redis notification carries no payload, only where to look), and its periodic
-catch-up tick calls them too, so a lost notification costs latency, never a
-message.
+against the database (see :mod:`backchannel.server.rest.ws`), so a missed or
+reordered notification is repaired from the database by cursor. With several
+instances, :mod:`.fanout` calls the ``wake_*`` methods for commits made
+elsewhere (a Redis notification carries no payload, only where to look), and
+its periodic catch-up tick calls them too, so a lost notification costs
+latency, never a message.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .store import MailItem, StoredMessage
+from ..storage import MailItem, StoredMessage
 
 
 class Outbox(Protocol):

@@ -27,7 +27,7 @@ from backchannel.protocol import errors as perr
 from backchannel.protocol import primitives as P
 from backchannel.protocol import relayauth
 
-from .errors import RelayError
+from ..errors import RelayError
 
 REQUEST_NONCE_SIZE = relayauth.REQUEST_NONCE_SIZE
 

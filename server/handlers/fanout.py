@@ -36,11 +36,11 @@ from typing import Any
 from backchannel.protocol import roomlog
 from backchannel.protocol.encoding import decode, encode
 
-from . import frames as F
+from .. import frames as F
+from ..logging import get_logger
+from ..metrics import Metrics
+from ..storage import Appended, MailItem, Store, StoredMessage
 from .hub import Hub
-from .logging import get_logger
-from .metrics import Metrics
-from .store import Appended, MailItem, Store, StoredMessage
 
 log = get_logger("backchannel.relay.fanout")
 

@@ -1,0 +1,270 @@
+"""The database engine, the group-commit :class:`Batcher` and the base every store builds on.
+
+SQLAlchemy 2 async over SQLite (WAL, synchronous=FULL) or PostgreSQL.
+
+Writes on the hot path (room messages, mailbox puts and acks) go through a
+group-commit :class:`Batcher`: callers enqueue and await; one task commits
+everything that arrived within the batch window in a single transaction, then
+resolves every caller. A send is acknowledged only after that commit returns,
+so an acknowledged message is durable, and durability costs one fsync per
+batch rather than per message.
+
+On SQLite (one process by construction) writers are additionally serialised by
+an in-process lock so that a read-then-write transaction never meets
+``SQLITE_BUSY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import event, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from ..errors import RelayError
+
+T = TypeVar("T")
+
+
+SQLITE_BEGIN = "backchannel_sqlite_begin"
+
+
+def make_engine(url: str) -> AsyncEngine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            # WAL + FULL: an acknowledged write survives power loss (DESIGN.md §4).
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+            # We issue BEGIN ourselves (below), so the driver must not.
+            dbapi_conn.isolation_level = None
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # A write transaction takes the write lock up front (BEGIN IMMEDIATE):
+            # SQLite waits out a busy lock only then. A deferred transaction that
+            # reads first and writes later fails at once when another process
+            # holds the lock, whatever the busy timeout.
+            mode = conn.get_execution_options().get(SQLITE_BEGIN, "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+    return create_async_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        pool_timeout=10,
+        # A database that went away must fail fast (storage_unavailable), not hang.
+        connect_args={"timeout": 5, "command_timeout": 30},
+    )
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "the database cannot be reached" (not "this write is bad")."""
+    if isinstance(exc, OSError | ConnectionError | TimeoutError | PoolTimeout):
+        return True
+    if isinstance(exc, InterfaceError | OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+STORAGE_UNAVAILABLE = "storage_unavailable"
+
+
+def storage_unavailable() -> RelayError:
+    return RelayError(STORAGE_UNAVAILABLE, 503, "the database is unavailable; retry later")
+
+
+@dataclass(slots=True)
+class _Job:
+    run: Callable[[AsyncSession], Awaitable[Any]]
+    future: asyncio.Future[Any]
+
+
+class Batcher:
+    """Group commit for small, independent writes.
+
+    Each job runs inside the shared transaction. A job that raises
+    :class:`RelayError` (a limit, a bad reference) is answered with that error
+    and the batch goes on; an unexpected database error aborts the batch, and
+    every job in it is retried alone so that one bad write never fails others.
+    """
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        window: float,
+        max_jobs: int,
+        lock: asyncio.Lock | None = None,
+        on_commit: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self.on_commit = on_commit
+        self._window = window
+        self._max = max_jobs
+        self._lock = lock
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="group-commit")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(RelayError("shutting_down", 503))
+
+    async def submit(self, run: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job(run, future))
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            jobs = [await self._queue.get()]
+            deadline = time.monotonic() + self._window
+            while len(jobs) < self._max:
+                remaining = deadline - time.monotonic()
+                try:
+                    if remaining > 0:
+                        jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    else:
+                        jobs.append(self._queue.get_nowait())
+                except (TimeoutError, asyncio.QueueEmpty):
+                    break
+            started = time.monotonic()
+            await self._commit(jobs)
+            if self.on_commit is not None:
+                self.on_commit(len(jobs), time.monotonic() - started)
+
+    async def _commit(self, jobs: list[_Job]) -> None:
+        results: list[tuple[_Job, bool, Any]] = []
+        try:
+            async with (
+                self._lock if self._lock else contextlib.nullcontext(),
+                self._sessions() as session,
+                session.begin(),
+            ):
+                for job in jobs:
+                    try:
+                        async with session.begin_nested():
+                            results.append((job, True, await job.run(session)))
+                    except RelayError as exc:
+                        results.append((job, False, exc))
+        except Exception as exc:
+            if len(jobs) == 1 or unavailable(exc):
+                # Nothing was committed: every caller gets a clear error, nobody hangs.
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(storage_unavailable())
+                return
+            for job in jobs:
+                await self._commit([job])
+            return
+        for job, ok, value in results:
+            if job.future.done():
+                continue
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
+
+
+class BaseStore:
+    """The engine, sessions and batcher that every concept's store queries through.
+
+    Each concept (rooms, messages, mailboxes, ...) subclasses this, and
+    :class:`~backchannel.server.storage.Store` combines them, so they all share
+    one engine, one write lock and one batcher.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        batch_window: float,
+        batch_max: int,
+        clock: Callable[[], float] = time.time,
+        on_commit: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self.is_sqlite = engine.dialect.name == "sqlite"
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self.writing = (
+            async_sessionmaker(
+                engine.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"}), expire_on_commit=False
+            )
+            if self.is_sqlite
+            else self.sessions
+        )
+        self.batcher = Batcher(
+            self.writing, batch_window, batch_max, self._write_lock, on_commit=on_commit
+        )
+        self.clock = clock
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A read-write transaction (serialised with other writers on SQLite)."""
+        async with (
+            self._write_lock if self._write_lock else contextlib.nullcontext(),
+            self.writing() as session,
+            session.begin(),
+        ):
+            yield session
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncSession]:
+        async with self.sessions() as session:
+            yield session
+
+    async def start(self) -> None:
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.stop()
+        await self.engine.dispose()
+
+    async def ping(self, timeout: float = 3.0) -> bool:
+        try:
+            async with asyncio.timeout(timeout), self.sessions() as session:
+                await session.execute(select(1))
+            return True
+        except Exception:
+            return False
+
+    async def commit_once(self, run: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run ``run`` in its own transaction, translating integrity races."""
+        try:
+            async with self.transaction() as session:
+                return await run(session)
+        except IntegrityError as exc:
+            raise RelayError("conflict", 409, "a concurrent write won; retry") from exc
