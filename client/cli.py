@@ -18,10 +18,9 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, NoReturn, TypeVar
 
 import platformdirs
 import typer
@@ -30,10 +29,11 @@ from backchannel.protocol import primitives as P
 from backchannel.protocol import roomlog as L
 from backchannel.protocol.errors import ProtocolError
 
-from .core import Client, ClientError, Line, Room
+from .core import Client, ClientError, Line, MemberView, Room
 from .relay import RelayError
-from .render import inert, markdown_escape
+from .render import inert
 from .store import Store, StoreError, wipe
+from .views import describe_rules, format_line, member_json, render_export, room_json
 
 T = TypeVar("T")
 
@@ -179,10 +179,6 @@ def duration(text: str) -> int:
     return int(match.group(1)) * UNITS[match.group(2)]
 
 
-def when(ts: int) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
-
-
 # --- commands ----------------------------------------------------------------------------
 
 
@@ -296,19 +292,6 @@ def join(
     typer.echo(room.name)
 
 
-def describe_rules(rules: L.Rules) -> str:
-    what = {
-        "chatham": "Chatham House: what is said may be used, but never attributed. Exports "
-        "carry no names.",
-        "attributed": "On the record: exports keep speakers' names.",
-        "anonymous": "Anonymous: speakers appear as pseudonyms; names and affiliations are "
-        "never shared.",
-    }[rules.mode]
-    hours = rules.retention / 3600
-    kept = f"{hours / 24:g} days" if hours >= 24 else f"{hours:g} hours"
-    return f"rules: {what}\nmessages are deleted after {kept}."
-
-
 @app.command()
 def rooms(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List your rooms."""
@@ -327,20 +310,6 @@ def rooms(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         )
 
 
-def room_json(r: Room) -> dict[str, Any]:
-    return {
-        "name": r.name,
-        "title": r.title,
-        "id": r.room_id.hex(),
-        "rules": r.state.rules.mode,
-        "retention_seconds": r.state.rules.retention,
-        "status": r.status,
-        "problem": r.problem,
-        "members": len(r.state.members),
-        "role": r.state.role_of(r.me),
-    }
-
-
 @app.command()
 def members(
     room: Annotated[str, typer.Argument()],
@@ -348,7 +317,7 @@ def members(
 ) -> None:
     """List a room's members, their roles and whether you verified them."""
 
-    async def work(c: Client) -> list[Any]:
+    async def work(c: Client) -> list[MemberView]:
         r = c.room(room)
         if r.status == "active":
             await c.sync_log(r)
@@ -357,19 +326,7 @@ def members(
     found = run(work)
     if as_json:
         typer.echo(
-            json.dumps(
-                [
-                    {
-                        "name": m.name,
-                        "affiliation": m.affiliation,
-                        "role": m.role,
-                        "fingerprint": m.fingerprint,
-                        "verified": m.verified,
-                        "me": m.me,
-                    }
-                    for m in found
-                ]
-            )
+            json.dumps([member_json(m) for m in found])
         )
         return
     for m in found:
@@ -436,40 +393,6 @@ def read(
             show(c.lines(r))
 
     run(work)
-
-
-def speaker(c: Client, r: Room, line: Line) -> str | None:
-    if line.sender is None:
-        return None
-    return inert(c.display_name(r, line.sender), limit=40)
-
-
-def format_line(c: Client, r: Room, line: Line, as_json: bool) -> str:
-    who = speaker(c, r, line)
-    if as_json:
-        return json.dumps(
-            {
-                "n": line.n,
-                "kind": line.kind,
-                "from": who,
-                "mine": line.mine,
-                "text": line.text,
-                "ts": line.ts,
-                "sidebar_with": None
-                if line.kind != "sidebar"
-                else inert(
-                    c.display_name(r, line.to if line.mine else line.sender or b""), limit=40
-                ),
-            },
-            ensure_ascii=False,
-        )
-    text = inert(line.text, multiline=False)
-    if line.kind == "notice":
-        return f"[{when(line.ts)}] * {text}"
-    if line.kind == "warning":
-        return f"[{when(line.ts)}] ! {text}"
-    prefix = "(sidebar) " if line.kind == "sidebar" else ""
-    return f"[{when(line.ts)}] {prefix}{who}: {text}"
 
 
 @app.command()
@@ -551,41 +474,6 @@ def export(
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         note(f"wrote {output}")
-
-
-def render_export(c: Client, r: Room, fmt: str) -> str:
-    mode = r.state.rules.mode
-    attributed = mode == "attributed"
-    lines = [line for line in c.lines(r) if line.kind == "message"]
-    header = {
-        "chatham": "Chatham House rule: this record may be used, but no statement may be "
-        "attributed to a speaker or their affiliation.",
-        "anonymous": "Anonymous room: speakers are not identified.",
-        "attributed": "On the record: statements are attributed.",
-    }[mode]
-    if fmt == "json":
-        return json.dumps(
-            {
-                "rules": mode,
-                "notice": header,
-                "title": r.title,
-                "messages": [
-                    {
-                        "time": when(line.ts)[:13] + ":00",
-                        "text": line.text,
-                        **({"from": speaker(c, r, line)} if attributed else {}),
-                    }
-                    for line in lines
-                ],
-            },
-            ensure_ascii=False,
-            indent=1,
-        )
-    out = [f"# {markdown_escape(r.title or 'Untitled dialogue')}", "", f"> {header}", ""]
-    for line in lines:
-        who = f"**{markdown_escape(speaker(c, r, line) or '')}**: " if attributed else ""
-        out.append(f"- {when(line.ts)[:13]}:00 — {who}{markdown_escape(line.text)}")
-    return "\n".join(out) + "\n"
 
 
 @app.command("wipe")

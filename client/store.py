@@ -5,11 +5,15 @@ Layout (docs/client.md, "Local state"):
 * ``meta``: the format version, the Argon2id salt and limits, and the *master
   key* wrapped (XChaCha20-Poly1305) under ``Argon2id(passphrase)``. The master
   key is random, so changing the passphrase re-wraps 32 bytes, not the file.
-* ``items``: ``(ns, k) -> v``. ``k`` is a keyed BLAKE2b of the natural key
-  (a room id, a member key, ...) under a key derived from the master key, so
-  the file does not show which rooms or members it holds; ``v`` is sealed
-  with the master key and the associated data ``ns || k``, so a value moved to
-  another row does not open.
+* ``items``: ``(ns, k) -> v``, one row per independent item (a peer, an
+  inbound sender key, a stashed message). ``k`` is a keyed BLAKE2b of the
+  natural key (a room id, a member key, ...) under a key derived from the
+  master key, so the file does not show which rooms or members it holds; ``v``
+  is sealed with the master key and the associated data ``ns || k``, so a value
+  moved to another row does not open. ``scope`` (a keyed hash too, or empty)
+  groups the rows that belong together, usually one room's, so that they can
+  be listed or dropped without reading every row of the namespace. What each
+  namespace holds, and its encoding, is declared in :mod:`.records`.
 * ``messages``: a room's transcript, one sealed row per message, with a
   coarse ``expires`` time in the clear so the retention purge can delete
   without the passphrase.
@@ -33,7 +37,9 @@ from backchannel.protocol import primitives as P
 from backchannel.protocol.encoding import Reader, decode, encode
 from backchannel.protocol.errors import DecryptionFailed, ProtocolError
 
-STORE_VERSION: Final = 1
+#: 2: the ``scope`` column, and one row per item where version 1 kept whole
+#: records per room.
+STORE_VERSION: Final = 2
 DB_NAME: Final = "state.db"
 _LABEL_INDEX: Final = b"bc-store-index"
 _LABEL_WRAP: Final = b"bc-store-wrap"
@@ -41,8 +47,10 @@ _LABEL_WRAP: Final = b"bc-store-wrap"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
-    ns TEXT NOT NULL, k BLOB NOT NULL, v BLOB NOT NULL, PRIMARY KEY (ns, k)
+    ns TEXT NOT NULL, k BLOB NOT NULL, scope BLOB NOT NULL, v BLOB NOT NULL,
+    PRIMARY KEY (ns, k)
 );
+CREATE INDEX IF NOT EXISTS items_scope ON items (ns, scope);
 CREATE TABLE IF NOT EXISTS messages (
     room BLOB NOT NULL, n INTEGER NOT NULL, expires INTEGER NOT NULL, v BLOB NOT NULL,
     PRIMARY KEY (room, n)
@@ -110,6 +118,7 @@ class Store:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         os.close(fd)
         conn = _connect(path)
+        conn.executescript(_SCHEMA)
         header = encode(
             {
                 "mem": memlimit,
@@ -130,12 +139,21 @@ class Store:
         if not path.exists():
             raise NoProfile(f"no profile in {home}")
         conn = _connect(path)
-        row = conn.execute("SELECT value FROM meta WHERE name = 'header'").fetchone()
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE name = 'header'").fetchone()
+        except sqlite3.DatabaseError:
+            row = None
         if row is None:
             conn.close()
             raise StoreCorrupt(f"{path} has no header; it is not a backchannel profile")
         try:
             r = Reader.of(decode(bytes(row[0])), "store header")
+            if r.integer("v", 0, 255) < STORE_VERSION:
+                conn.close()
+                raise StoreError(
+                    f"the profile in {home} was made by an earlier release of backchannel; "
+                    "rejoin your rooms with a new profile (or use that release)"
+                )
             r.version(STORE_VERSION)
             memlimit = r.integer("mem", P.ARGON2_MEMLIMIT_MIN)
             nonce = r.blob("nonce", P.AEAD_NONCE_SIZE)
@@ -146,6 +164,8 @@ class Store:
         except ProtocolError as exc:
             conn.close()
             raise StoreCorrupt(f"{path} has an unreadable header ({exc.code})") from exc
+        # Only after the version check: an older file's tables are not this schema.
+        conn.executescript(_SCHEMA)
         kek = P.argon2id(passphrase.encode(), salt, opslimit=opslimit, memlimit=memlimit)
         try:
             master = P.aead_decrypt(kek, nonce, wrapped, _LABEL_WRAP)
@@ -198,12 +218,12 @@ class Store:
         except DecryptionFailed:
             raise StoreCorrupt("a stored value does not authenticate") from None
 
-    def put(self, ns: str, key: bytes, value: bytes) -> None:
+    def put(self, ns: str, key: bytes, value: bytes, *, scope: bytes = b"") -> None:
         k = self._k(ns, key)
         with self.transaction():
             self._conn.execute(
-                "INSERT OR REPLACE INTO items (ns, k, v) VALUES (?, ?, ?)",
-                (ns, k, self._seal(ns.encode() + k, value)),
+                "INSERT OR REPLACE INTO items (ns, k, scope, v) VALUES (?, ?, ?, ?)",
+                (ns, k, self._scope(ns, scope), self._seal(ns.encode() + k, value)),
             )
 
     def get(self, ns: str, key: bytes) -> bytes | None:
@@ -219,6 +239,23 @@ class Store:
         """Every value in ``ns`` (values carry their own natural keys where needed)."""
         rows = self._conn.execute("SELECT k, v FROM items WHERE ns = ?", (ns,)).fetchall()
         return [self._open(ns.encode() + bytes(k), bytes(v)) for k, v in rows]
+
+    def scan(self, ns: str, scope: bytes) -> list[bytes]:
+        """The values put in ``ns`` under ``scope``, in no particular order."""
+        rows = self._conn.execute(
+            "SELECT k, v FROM items WHERE ns = ? AND scope = ?", (ns, self._scope(ns, scope))
+        ).fetchall()
+        return [self._open(ns.encode() + bytes(k), bytes(v)) for k, v in rows]
+
+    def delete_scope(self, ns: str, scope: bytes) -> None:
+        with self.transaction():
+            self._conn.execute(
+                "DELETE FROM items WHERE ns = ? AND scope = ?", (ns, self._scope(ns, scope))
+            )
+
+    def _scope(self, ns: str, scope: bytes) -> bytes:
+        # Keyed like the row keys, so grouping shows only how many rows belong together.
+        return b"" if not scope else self._k(ns + "/scope", scope)
 
     # --- transcripts ---------------------------------------------------------------------------
 
@@ -295,5 +332,4 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
-    conn.executescript(_SCHEMA)
     return conn

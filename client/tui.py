@@ -23,6 +23,7 @@ from textual.widgets import Footer, Input, Label, ListItem, ListView, RichLog, S
 from .core import Client, ClientError, Line, Room
 from .relay import RelayError, RelaySocket
 from .render import inert
+from .views import describe_rules, render_export
 
 HELP = """commands:
   /who                     list members (verified or not)
@@ -229,8 +230,6 @@ class ChatApp(App[None]):
                 state = "you" if m.me else ("verified" if m.verified else "NOT verified")
                 self._local(f"{inert(m.name)} — {m.role}, {state}, {m.fingerprint[:16]}")
         elif name == "rules":
-            from .cli import describe_rules
-
             self._local(describe_rules(self.room.state.rules))
         elif name == "verify":
             member = self.client.member(self.room, rest)
@@ -244,8 +243,6 @@ class ChatApp(App[None]):
             member = self.client.member(self.room, who)
             await self._send(message, to=member.key.sign)
         elif name == "export":
-            from .cli import render_export
-
             if not rest:
                 raise ClientError("usage: /export FILE")
             with open(rest, "w") as fh:

@@ -112,7 +112,7 @@ async def test_a_leaked_transcript_proves_nothing_about_anyone(
     # keys appear anywhere the relay can see.
     raw = (tmp_path / "relay.db").read_bytes()
     for client, r in ((fac, room), (ann, ann_room)):
-        out = OutboundSenderKey.from_bytes(client.store.get("out", r.room_id) or b"")
+        out = client.senderkeys.outbound(r)
         dist = out.distribution()
         assert dist.signing_public not in raw
         assert dist.chain_key not in raw

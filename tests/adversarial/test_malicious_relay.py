@@ -420,8 +420,8 @@ async def test_old_sender_key_after_removal_is_rejected(people: People) -> None:
     fac, room, joined = await room_with(people, "ann", "bob")
     ann, ann_room = joined["ann"]
     bob, bob_room = joined["bob"]
-    ann_old_key = OutboundSenderKey.from_bytes(ann.store.get("out", ann_room.room_id) or b"")
-    bob_old_key = OutboundSenderKey.from_bytes(bob.store.get("out", bob_room.room_id) or b"")
+    ann_old_key = ann.senderkeys.outbound(ann_room)
+    bob_old_key = bob.senderkeys.outbound(bob_room)
     await fac.remove(room, bob_room.me)
     await online(ann, ann_room)  # Ann sees the removal and rotates
     epoch = room.state.epoch
@@ -464,7 +464,7 @@ async def test_message_made_by_another_members_key_is_refused(people: People) ->
     mal, mal_room = joined["mal"]
     await say(ann, ann_room, "hello")  # Mallory now holds Ann's chain key, as every member does
     await online(mal, mal_room)
-    ann_key = mal._inbound(mal_room)[(ann_room.me, 0)]
+    ann_key = mal.senderkeys.inbound(mal_room, ann_room.me, 0)
     state = decode(ann_key.to_bytes())
     assert isinstance(state, dict)
     forger = OutboundSenderKey(

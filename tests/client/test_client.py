@@ -66,7 +66,7 @@ async def test_removed_member_cannot_open_what_is_sent_afterwards(
     stored = relay.call(relay.store.room_messages_after(room.room_id, 0, 100))
     latest = RoomEnvelope.from_bytes(stored[-1].data)
     assert latest.generation == 1  # the facilitator rotated
-    bob_keys = bob._inbound(bob_room)
+    bob_keys = {(k.owner, k.generation): k for k in bob.senderkeys.inbound_keys(bob_room)}
     assert (latest.sender, latest.generation) not in bob_keys
     for key in bob_keys.values():
         with pytest.raises(ProtocolError):
@@ -104,10 +104,10 @@ async def test_interrupted_send_is_delivered_exactly_once(
     monkeypatch.setattr(transport.RelaySocket, "request", cut)
     with pytest.raises(transport.RelayError):
         await say(fac, room, "sealed before the cut")
-    assert len(fac.store.values("outbox")) == 1
+    assert len(fac.outbox.pending()) == 1
     monkeypatch.setattr(transport.RelaySocket, "request", real_request)
     await online(fac, room)  # reconnecting sends the outbox
-    assert fac.store.values("outbox") == []
+    assert fac.outbox.pending() == []
     await online(fac, room)  # a second flush finds nothing to resend
     await online(ann, ann_room)
     assert heard(ann, ann_room) == ["sealed before the cut"]
@@ -133,7 +133,7 @@ async def test_queued_send_goes_before_a_newer_one(
         # On the same connection (as in the chat screen before a reconnect):
         # the stuck one must go first, or receivers would see a reordering.
         await fac.send_text(sock, room, "second")
-    assert fac.store.values("outbox") == []
+    assert fac.outbox.pending() == []
     await online(ann, ann_room)
     assert heard(ann, ann_room) == ["first, but stuck", "second"]
     assert not [w for w in ann.lines(ann_room) if w.kind == "warning"]
@@ -161,8 +161,8 @@ async def test_one_time_prekeys_are_replenished(people: People) -> None:
 
 
 async def test_anonymous_rooms_share_no_names(people: People) -> None:
-    from backchannel.client.cli import render_export
     from backchannel.client.core import pseudonym
+    from backchannel.client.views import render_export
 
     fac, room, joined = await room_with(people, "ann", rules=L.Rules(mode="anonymous"))
     ann, ann_room = joined["ann"]
@@ -172,7 +172,7 @@ async def test_anonymous_rooms_share_no_names(people: People) -> None:
     assert view.name == pseudonym(room.room_id, ann_room.me)
     assert view.affiliation is None
     # The name never travelled: the facilitator's store has no trace of it.
-    assert fac._peers(room).get(ann_room.me, {}).get("name") is None
+    assert fac.peers.get(room, ann_room.me).name is None
     lines = [line for line in fac.lines(room) if line.kind == "message"]
     assert fac.display_name(room, lines[0].sender or b"") == view.name
     # Every client derives the same pseudonym.
@@ -185,7 +185,7 @@ async def test_anonymous_rooms_share_no_names(people: People) -> None:
 
 
 async def test_attributed_export_keeps_names(people: People) -> None:
-    from backchannel.client.cli import render_export
+    from backchannel.client.views import render_export
 
     fac, room, joined = await room_with(people, "ann", rules=L.Rules(mode="attributed"))
     ann, ann_room = joined["ann"]
@@ -239,5 +239,5 @@ async def test_signed_prekey_is_rotated_weekly(people: People, clock: FakeClock)
     assert second.id > first.id
     assert second.ts >= first.ts + 8 * 86_400
     # The previous one is kept for handshakes already on their way; older ones go.
-    spk_ids = [k[1] for k in fac._prekeys(room)["keys"] if k[0] == "spk"]
+    spk_ids = [p.id for p in fac.prekeys.stored(room) if p.kind == "spk"]
     assert sorted(spk_ids) == [first.id, second.id]

@@ -24,7 +24,7 @@ def sealed(client: Client, room) -> int:  # type: ignore[no-untyped-def]
 async def main(home: Path, count: int) -> None:
     store = Store.open(home, "pw")
     client = Client(store)
-    name = client.profile()["name"]
+    name = client.profile().name
     room = client.rooms()[0]
     try:
         while True:

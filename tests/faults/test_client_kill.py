@@ -152,7 +152,7 @@ async def test_client_sigkilled_mid_conversation(tmp_path: Path, relay: RelaySer
     assert len(sealed) == COUNT
     assert sealed == [f"vic #{i:04d}" for i in range(COUNT)], "the victim's numbering broke"
     assert set(victim.acked) <= set(sealed)
-    assert vic.store.values("outbox") == []
+    assert vic.outbox.pending() == []
     assert heard_from(fac, room, vic_me) == sealed, "the peer lost or duplicated some"
     fac_sealed = my_sent(fac, room)
     assert set(fac_acked) <= set(fac_sealed)

@@ -163,7 +163,7 @@ async def test_relay_sigkilled_mid_conversation_loses_nothing(
         # Acknowledged is a subset of sealed, in the same order; attempts were in order.
         assert [s for s in sealed if s in set(sender.acked)] == sender.acked
         assert sealed == sorted(sealed)
-        assert sender.client.store.values("outbox") == []
+        assert sender.client.outbox.pending() == []
         for receiver in talkers:
             if receiver is sender:
                 continue

@@ -1,0 +1,265 @@
+"""The receive path: frames from the relay become transcript lines, keys and state.
+
+:meth:`Receiver.pump` reads frames and hands each to :meth:`Receiver.handle_frame`:
+``msg`` (a room message: check, open under the sender's key, record),
+``pmsg`` (a pairwise message: open under our session, act on what it carries,
+acknowledge), ``event``/``removed`` (the log moved: sync it), ``error``.
+A room message whose sender key has not arrived yet waits in a bounded stash
+and is retried when the key comes. The room's cursor moves past every message
+handled, in the same transaction as what the message changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backchannel.protocol import primitives as P
+from backchannel.protocol.encoding import decode
+from backchannel.protocol.envelope import NotInEpoch, RoomEnvelope, check_epoch
+from backchannel.protocol.errors import (
+    DuplicateMessage,
+    ForkDetected,
+    NotAuthorized,
+    ProtocolError,
+    StaleSenderKey,
+)
+from backchannel.protocol.senderkey import SenderKeyDistribution
+
+from .context import Context
+from .membership import Membership
+from .peers import Peers
+from .records import Ring, StashItem
+from .relay import Frame, RelaySocket
+from .room import Room, Rooms
+from .senderkeys import SenderKeys
+from .sessions import Sessions
+from .transcript import Transcript
+
+#: Room messages kept per room while their sender key is on the way.
+MAX_STASH = 1000
+#: Longest wait for the relay to deliver what was stored for us (then we go on).
+CATCH_UP_TIMEOUT = 30.0
+MAX_TITLE = 200
+
+
+def _b(v: Any) -> bytes:
+    if not isinstance(v, bytes):
+        raise ValueError("expected bytes")
+    return v
+
+
+def _i(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError("expected int")
+    return v
+
+
+class Receiver:
+    def __init__(
+        self,
+        ctx: Context,
+        rooms: Rooms,
+        membership: Membership,
+        senderkeys: SenderKeys,
+        sessions: Sessions,
+        peers: Peers,
+        transcript: Transcript,
+    ) -> None:
+        self.ctx, self.rooms, self.membership = ctx, rooms, membership
+        self.senderkeys, self.sessions = senderkeys, sessions
+        self.peers, self.transcript = peers, transcript
+        self._stash: Ring[StashItem] = Ring(ctx.store, "stash", StashItem, MAX_STASH)
+
+    async def pump(
+        self, sock: RelaySocket, rooms: list[Room], *, idle: float = 0.5, forever: bool = False
+    ) -> None:
+        """Process frames: catch up, then return once nothing arrives for ``idle``
+        seconds (or run forever).
+
+        Catching up ends at a ``pong``: the relay answers frames in order and
+        queues a subscription's stored messages and our pending mailbox before
+        the answer to a later ``ping``, so everything that was waiting has
+        arrived by then. ``idle`` then only bounds the wait for stragglers.
+        """
+        if not sock.authenticated:
+            return  # no active room here: the relay has nothing for us
+        by_id = {r.room_id: r for r in rooms}
+        await sock.send("ping")
+        caught_up = False
+        while True:
+            try:
+                timeout = None if forever else (idle if caught_up else max(idle, CATCH_UP_TIMEOUT))
+                frame = await sock.recv(timeout=timeout)
+            except TimeoutError:
+                return
+            if frame.type == "pong":
+                caught_up = True
+                continue
+            await self.handle_frame(sock, by_id, frame)
+
+    async def handle_frame(self, sock: RelaySocket, rooms: dict[bytes, Room], frame: Frame) -> None:
+        if frame.type == "pmsg":
+            await self._on_pairwise(sock, rooms, frame)
+        elif frame.type == "msg":
+            room = rooms.get(_b(frame["room"]))
+            if room is not None:
+                await self.on_room_message(room, _i(frame["seq"]), _b(frame["data"]))
+        elif frame.type in ("event", "removed"):
+            room = rooms.get(_b(frame["room"]))
+            if room is not None:
+                await self.membership.sync_log(room)
+        elif frame.type == "error":
+            room_id = frame.get("room")
+            text = f"the relay reported: {frame.get('detail')} ({frame.get('code')})"
+            if isinstance(room_id, bytes) and room_id in rooms:
+                self.transcript.warn(rooms[room_id], text)
+
+    # --- pairwise --------------------------------------------------------------------------
+
+    async def _on_pairwise(self, sock: RelaySocket, rooms: dict[bytes, Room], frame: Frame) -> None:
+        room = rooms.get(_b(frame["room"]))
+        item = frame["id"]
+        if room is None:
+            await sock.send("ack", ids=[item])
+            return
+        sender = _b(frame["from"])
+        member = room.state.members.get(sender)
+        if member is None:
+            await self.membership.sync_log(room)
+            member = room.state.members.get(sender)
+        if member is None:
+            self.transcript.warn(
+                room, "a pairwise message from someone who is not a member was refused"
+            )
+            await sock.send("ack", ids=[item])
+            return
+        data = _b(frame["data"])
+        mark = self.sessions.mark(_i(item), data)
+        if self.sessions.seen(room, mark):
+            # Processed and committed before, but our ack never reached the
+            # relay (a crash or a dropped connection): acknowledge it again.
+            await sock.send("ack", ids=[item])
+            return
+        try:
+            # Session state, what the message carried and the fact that we
+            # processed it commit together, or not at all.
+            with self.ctx.store.transaction():
+                plaintext = self.sessions.decrypt(room, member.key, data)
+                kind = self._on_payload(room, member.key.sign, plaintext)
+                self.sessions.remember(room, mark)
+        except (ProtocolError, ValueError, KeyError, TypeError) as exc:
+            code = exc.code if isinstance(exc, ProtocolError) else "malformed"
+            who = self.peers.display_name(room, sender)
+            self.transcript.warn(room, f"a pairwise message from {who} was refused ({code})")
+        else:
+            if kind == "keys":
+                await self.retry_stash(room)  # messages that waited for this key
+        await sock.send("ack", ids=[item])
+
+    def _on_payload(self, room: Room, sender: bytes, plaintext: bytes) -> str:
+        value = decode(plaintext)
+        if not isinstance(value, dict):
+            raise ProtocolError("pairwise payload is not a map")
+        kind = value.get("t")
+        if kind == "keys":
+            self.senderkeys.accept(room, sender, SenderKeyDistribution.from_bytes(_b(value["skd"])))
+            self.peers.learn(room, sender, value.get("name"), value.get("aff"))
+            title = value.get("title")
+            if (
+                isinstance(title, str)
+                and not room.title
+                and room.state.role_of(sender) == "facilitator"
+            ):
+                room.title = title[:MAX_TITLE]
+                self.rooms.save(room)
+        elif kind == "sidebar":
+            text = str(value.get("text", ""))
+            self.transcript.add(room, "sidebar", text, sender=sender, to=room.me)
+        return str(kind)
+
+    # --- room messages ---------------------------------------------------------------------
+
+    async def on_room_message(self, room: Room, seq: int, data: bytes) -> None:
+        try:
+            envelope = RoomEnvelope.from_bytes(data)
+        except ProtocolError as exc:
+            self.transcript.warn(room, f"a malformed room message was refused ({exc.code})")
+            self._advance(room, seq)
+            return
+        if envelope.room_id != room.room_id:
+            self.transcript.warn(room, "a message from another room was refused")
+            self._advance(room, seq)
+            return
+        mine = room.state.members.get(room.me)
+        if envelope.sender == room.me or (mine is not None and envelope.epoch_pos < mine.since):
+            self._advance(room, seq)  # our own, or from before we joined: not ours to read
+            return
+        if envelope.epoch_pos >= room.state.length:
+            # Only a hint until the signature is checked: fetch what it names.
+            await self.membership.sync_log(room)
+        if room.status == "compromised":
+            return
+        fork = False
+        with self.ctx.store.transaction():
+            key = self.senderkeys.inbound(room, envelope.sender, envelope.generation)
+            if key is None:
+                self._stash_message(room, data)  # its key may still be on the way
+                self._advance(room, seq)
+                return
+            who = self.peers.display_name(room, envelope.sender)
+            try:
+                body = key.open(envelope, authorise=lambda env: self._authorise(room, env))
+            except NotInEpoch:
+                pass  # sent before we joined or after we left: not ours to read
+            except ForkDetected:
+                fork = True
+            except DuplicateMessage:
+                self.transcript.warn(room, f"a replayed message from {who} was dropped")
+            except StaleSenderKey:
+                self.transcript.warn(room, f"a message under a retired key from {who} was refused")
+            except NotAuthorized as exc:
+                self.transcript.warn(room, f"a room message was refused ({exc})")
+            except ProtocolError as exc:
+                self.transcript.warn(
+                    room, f"a message claiming to be from {who} was refused ({exc.code})"
+                )
+            else:
+                value = decode(body)
+                if isinstance(value, dict) and value.get("t") == "text":
+                    text = str(value.get("text", ""))
+                    self.transcript.add(room, "message", text, sender=envelope.sender)
+                gaps = key.missing()
+                if gaps:
+                    missing = f"{len(gaps)} message(s) from {who} have not arrived"
+                    self.transcript.warn(room, missing)
+                self.senderkeys.save_inbound(room, key)
+            self._advance(room, seq)
+        if fork:
+            self.membership.compromise(
+                room, "the relay showed members different room logs (fork)"
+            )
+
+    @staticmethod
+    def _authorise(room: Room, envelope: RoomEnvelope) -> None:
+        """Judge a signature-checked envelope against our validated log."""
+        if check_epoch(room.log, envelope, room.me) == "ahead":
+            raise ForkDetected("the message names log events the relay does not show us")
+
+    def _advance(self, room: Room, seq: int) -> None:
+        if seq > room.cursor:
+            room.cursor = seq
+            self.rooms.save_cursor(room)
+
+    def _stash_message(self, room: Room, data: bytes) -> None:
+        key = room.room_id + P.hash_bytes(b"bc-stash", data, 16)
+        self._stash.add(room.room_id, key, StashItem(data=data))
+
+    async def retry_stash(self, room: Room) -> None:
+        items = list(self._stash.items.scan(room.room_id))
+        if not items:
+            return
+        self._stash.drop(room.room_id)
+        # In sending order, or a later message opened first would look like a gap.
+        order = {item.data: RoomEnvelope.from_bytes(item.data) for item in items}
+        for data in sorted(order, key=lambda d: (order[d].generation, order[d].index)):
+            await self.on_room_message(room, 0, data)

@@ -1,0 +1,128 @@
+"""What both front ends show: rules text, room and member lists, transcript lines, exports.
+
+Neither the command (:mod:`.cli`) nor the chat screen (:mod:`.tui`) owns this;
+both import it, and neither imports the other. Text that came from other
+members or the relay passes through :func:`~.render.inert` before it is shown.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from backchannel.protocol import roomlog as L
+
+from .core import Client, Line, MemberView, Room
+from .render import inert, markdown_escape
+
+
+def when(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def describe_rules(rules: L.Rules) -> str:
+    what = {
+        "chatham": "Chatham House: what is said may be used, but never attributed. Exports "
+        "carry no names.",
+        "attributed": "On the record: exports keep speakers' names.",
+        "anonymous": "Anonymous: speakers appear as pseudonyms; names and affiliations are "
+        "never shared.",
+    }[rules.mode]
+    hours = rules.retention / 3600
+    kept = f"{hours / 24:g} days" if hours >= 24 else f"{hours:g} hours"
+    return f"rules: {what}\nmessages are deleted after {kept}."
+
+
+def room_json(r: Room) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "title": r.title,
+        "id": r.room_id.hex(),
+        "rules": r.state.rules.mode,
+        "retention_seconds": r.state.rules.retention,
+        "status": r.status,
+        "problem": r.problem,
+        "members": len(r.state.members),
+        "role": r.state.role_of(r.me),
+    }
+
+
+def member_json(m: MemberView) -> dict[str, Any]:
+    return {
+        "name": m.name,
+        "affiliation": m.affiliation,
+        "role": m.role,
+        "fingerprint": m.fingerprint,
+        "verified": m.verified,
+        "me": m.me,
+    }
+
+
+def speaker(c: Client, r: Room, line: Line) -> str | None:
+    if line.sender is None:
+        return None
+    return inert(c.display_name(r, line.sender), limit=40)
+
+
+def format_line(c: Client, r: Room, line: Line, as_json: bool) -> str:
+    who = speaker(c, r, line)
+    if as_json:
+        return json.dumps(
+            {
+                "n": line.n,
+                "kind": line.kind,
+                "from": who,
+                "mine": line.mine,
+                "text": line.text,
+                "ts": line.ts,
+                "sidebar_with": None
+                if line.kind != "sidebar"
+                else inert(
+                    c.display_name(r, line.to if line.mine else line.sender or b""), limit=40
+                ),
+            },
+            ensure_ascii=False,
+        )
+    text = inert(line.text, multiline=False)
+    if line.kind == "notice":
+        return f"[{when(line.ts)}] * {text}"
+    if line.kind == "warning":
+        return f"[{when(line.ts)}] ! {text}"
+    prefix = "(sidebar) " if line.kind == "sidebar" else ""
+    return f"[{when(line.ts)}] {prefix}{who}: {text}"
+
+
+def render_export(c: Client, r: Room, fmt: str) -> str:
+    mode = r.state.rules.mode
+    attributed = mode == "attributed"
+    lines = [line for line in c.lines(r) if line.kind == "message"]
+    header = {
+        "chatham": "Chatham House rule: this record may be used, but no statement may be "
+        "attributed to a speaker or their affiliation.",
+        "anonymous": "Anonymous room: speakers are not identified.",
+        "attributed": "On the record: statements are attributed.",
+    }[mode]
+    if fmt == "json":
+        return json.dumps(
+            {
+                "rules": mode,
+                "notice": header,
+                "title": r.title,
+                "messages": [
+                    {
+                        "time": when(line.ts)[:13] + ":00",
+                        "text": line.text,
+                        **({"from": speaker(c, r, line)} if attributed else {}),
+                    }
+                    for line in lines
+                ],
+            },
+            ensure_ascii=False,
+            indent=1,
+        )
+    out = [f"# {markdown_escape(r.title or 'Untitled dialogue')}", "", f"> {header}", ""]
+    for line in lines:
+        who = f"**{markdown_escape(speaker(c, r, line) or '')}**: " if attributed else ""
+        out.append(f"- {when(line.ts)[:13]}:00 — {who}{markdown_escape(line.text)}")
+    return "\n".join(out) + "\n"
