@@ -487,25 +487,3 @@ def wipe_cmd(yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = F
         note("local state destroyed")
     else:
         note("nothing to wipe")
-
-
-@app.command()
-def chat(room: Annotated[str, typer.Argument()]) -> None:
-    """Open the interactive chat screen for ROOM."""
-    from .tui import run_chat
-
-    with errors():
-        store = Store.open(OPTS.home, passphrase())
-        try:
-            client = Client(store, proxy=OPTS.proxy)
-            run_chat(client, client.room(room))
-        finally:
-            store.close()
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,7 @@ from backchannel.protocol import primitives as P
 from backchannel.protocol.keys import MemberPublicKey
 from backchannel.protocol.safety import SafetyNumber, safety_number
 
-from .errors import ClientError
+from .errors import ClientError, unique_match
 from .records import PeerRecord, Table
 from .room import Room
 from .store import Store
@@ -86,17 +86,18 @@ class Peers:
         return sorted(out, key=lambda m: (not m.me, m.name))
 
     def find(self, room: Room, query: str) -> MemberView:
-        views = [m for m in self.members(room) if not m.me]
-        for test in (
-            lambda m: m.name == query,
-            lambda m: len(query) >= 4 and m.fingerprint.startswith(query.lower().replace(" ", "")),
-        ):
-            found = [m for m in views if test(m)]
-            if len(found) == 1:
-                return found[0]
-            if len(found) > 1:
-                raise ClientError(f"{query!r} matches several members", hint="use a fingerprint")
-        raise ClientError(f"no member {query!r} in this room", hint="`backchannel members ROOM`")
+        return unique_match(
+            [m for m in self.members(room) if not m.me],
+            [
+                lambda m: m.name == query,
+                lambda m: len(query) >= 4
+                and m.fingerprint.startswith(query.lower().replace(" ", "")),
+            ],
+            several=ClientError(f"{query!r} matches several members", hint="use a fingerprint"),
+            missing=ClientError(
+                f"no member {query!r} in this room", hint="`backchannel members ROOM`"
+            ),
+        )
 
     @staticmethod
     def safety(room: Room, member: MemberView) -> SafetyNumber:

@@ -17,7 +17,7 @@ from backchannel.protocol import roomlog as L
 from backchannel.protocol.errors import ProtocolError
 from backchannel.protocol.keys import MemberKeyPair
 
-from .errors import ClientError
+from .errors import ClientError, unique_match
 from .records import CursorRecord, EventRecord, RoomRecord, Table
 from .store import Store, StoreCorrupt
 
@@ -69,18 +69,16 @@ class Rooms:
 
     def find(self, query: str) -> Room:
         """A room by local name, title or unique id prefix."""
-        rooms = self.all()
-        for test in (
-            lambda r: r.name == query,
-            lambda r: r.title == query,
-            lambda r: len(query) >= 4 and r.room_id.hex().startswith(query.lower()),
-        ):
-            found = [r for r in rooms if test(r)]
-            if len(found) == 1:
-                return found[0]
-            if len(found) > 1:
-                raise ClientError(f"{query!r} matches several rooms", hint="use the local name")
-        raise ClientError(f"no room {query!r}", hint="`backchannel rooms` lists yours")
+        return unique_match(
+            self.all(),
+            [
+                lambda r: r.name == query,
+                lambda r: r.title == query,
+                lambda r: len(query) >= 4 and r.room_id.hex().startswith(query.lower()),
+            ],
+            several=ClientError(f"{query!r} matches several rooms", hint="use the local name"),
+            missing=ClientError(f"no room {query!r}", hint="`backchannel rooms` lists yours"),
+        )
 
     def local_name(self, title: str) -> str:
         base = "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")[:24] or "room"

@@ -48,7 +48,7 @@ class Person:
             "NO_COLOR": "1",
         }
         result = subprocess.run(
-            [sys.executable, "-m", "backchannel.client.cli", *args],
+            [sys.executable, "-m", "backchannel.client", *args],
             input=stdin,
             capture_output=True,
             text=True,
@@ -224,7 +224,7 @@ def test_errors_are_one_line_without_tracebacks(tmp_path: Path, relay: RelayServ
         assert result.stderr.startswith("error: "), result.stderr
         assert "Traceback" not in result.stderr
     wrong = subprocess.run(
-        [sys.executable, "-m", "backchannel.client.cli", "rooms"],
+        [sys.executable, "-m", "backchannel.client", "rooms"],
         capture_output=True,
         text=True,
         env={

@@ -1,0 +1,32 @@
+"""The ``backchannel`` command's entry point: the command-line front end plus the chat screen.
+
+The command (:mod:`.cli`) and the chat screen (:mod:`.tui`) do not import each
+other; this module puts them together, so ``backchannel chat`` opens the screen.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .cli import OPTS, app, errors, passphrase
+from .core import Client
+from .store import Store
+from .tui import run_chat
+
+
+@app.command()
+def chat(room: Annotated[str, typer.Argument()]) -> None:
+    """Open the interactive chat screen for ROOM."""
+    with errors():
+        store = Store.open(OPTS.home, passphrase())
+        try:
+            client = Client(store, proxy=OPTS.proxy)
+            run_chat(client, client.room(room))
+        finally:
+            store.close()
+
+
+def main() -> None:
+    app()
