@@ -42,6 +42,10 @@ CATCH_UP_TIMEOUT = 30.0
 MAX_TITLE = 200
 
 
+#: What a hostile frame or payload can make parsing raise; refused, never propagated.
+_MALFORMED = (ProtocolError, ValueError, KeyError, TypeError, OverflowError)
+
+
 def _b(v: Any) -> bytes:
     if not isinstance(v, bytes):
         raise ValueError("expected bytes")
@@ -98,6 +102,18 @@ class Receiver:
             await self.handle_frame(sock, by_id, frame)
 
     async def handle_frame(self, sock: RelaySocket, rooms: dict[bytes, Room], frame: Frame) -> None:
+        """Act on one frame. Nothing a frame contains raises out of here: a frame
+        that does not parse is refused (and its room told, when it names one);
+        only the connection's own failures (:class:`~.relay.RelayError`) and the
+        local store's propagate."""
+        try:
+            await self._dispatch(sock, rooms, frame)
+        except _MALFORMED:
+            room_id = frame.get("room")
+            if isinstance(room_id, bytes) and room_id in rooms:
+                self.transcript.warn(rooms[room_id], "a malformed frame from the relay was refused")
+
+    async def _dispatch(self, sock: RelaySocket, rooms: dict[bytes, Room], frame: Frame) -> None:
         if frame.type == "pmsg":
             await self._on_pairwise(sock, rooms, frame)
         elif frame.type == "msg":
@@ -147,7 +163,7 @@ class Receiver:
                 plaintext = self.sessions.decrypt(room, member.key, data)
                 kind = self._on_payload(room, member.key.sign, plaintext)
                 self.sessions.remember(room, mark)
-        except (ProtocolError, ValueError, KeyError, TypeError) as exc:
+        except _MALFORMED as exc:
             code = exc.code if isinstance(exc, ProtocolError) else "malformed"
             who = self.peers.display_name(room, sender)
             self.transcript.warn(room, f"a pairwise message from {who} was refused ({code})")
@@ -173,7 +189,9 @@ class Receiver:
                 room.title = title[:MAX_TITLE]
                 self.rooms.save(room)
         elif kind == "sidebar":
-            text = str(value.get("text", ""))
+            text = value.get("text")
+            if not isinstance(text, str):
+                raise ProtocolError("a sidebar without text")
             self.transcript.add(room, "sidebar", text, sender=sender, to=room.me)
         return str(kind)
 
@@ -224,10 +242,7 @@ class Receiver:
                     room, f"a message claiming to be from {who} was refused ({exc.code})"
                 )
             else:
-                value = decode(body)
-                if isinstance(value, dict) and value.get("t") == "text":
-                    text = str(value.get("text", ""))
-                    self.transcript.add(room, "message", text, sender=envelope.sender)
+                self._show(room, envelope.sender, who, body)
                 gaps = key.missing()
                 if gaps:
                     missing = f"{len(gaps)} message(s) from {who} have not arrived"
@@ -238,6 +253,24 @@ class Receiver:
             self.membership.compromise(
                 room, "the relay showed members different room logs (fork)"
             )
+
+    def _show(self, room: Room, sender: bytes, who: str, body: bytes) -> None:
+        """Record what an authenticated room message says. Its sender may be hostile:
+        whatever the body holds is a refused message with a warning, never an error."""
+        try:
+            value = decode(body)
+        except ProtocolError:
+            value = None
+        if not isinstance(value, dict) or not isinstance(value.get("t"), str):
+            self.transcript.warn(room, f"an unreadable message from {who} was refused")
+            return
+        if value["t"] != "text":
+            return  # a kind of message a later release sends; nothing to show here
+        text = value.get("text")
+        if not isinstance(text, str):
+            self.transcript.warn(room, f"an unreadable message from {who} was refused")
+            return
+        self.transcript.add(room, "message", text, sender=sender)
 
     @staticmethod
     def _authorise(room: Room, envelope: RoomEnvelope) -> None:

@@ -63,6 +63,18 @@ class ChatApp(App[None]):
         self.unread: dict[bytes, int] = {}
         self._lock = asyncio.Lock()
 
+    def _fatal_error(self) -> None:
+        # Textual's own crash display prints every frame's local variables:
+        # decrypted text, room ids, member keys. One line says enough.
+        self.bell()
+        error = self._exception
+        name = type(error).__name__ if error is not None else "error"
+        self._exit_renderables.append(
+            Text(f"error: the chat screen stopped ({name})\nhint: run it again; "
+                 "`backchannel read ROOM` shows the transcript")
+        )
+        self._close_messages_no_wait()
+
     def compose(self) -> ComposeResult:
         yield Static(self._rules_line(), id="rules")
         with Horizontal(id="body"):
