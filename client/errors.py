@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from backchannel.protocol.errors import NotAuthorized
+
 
 class ClientError(Exception):
     """Something the user asked for that cannot be done; ``str()`` is one clear line."""
@@ -12,6 +14,12 @@ class ClientError(Exception):
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.hint = hint
+
+
+class Departed(NotAuthorized):
+    """A room message from someone the validated log shows has left or was removed."""
+
+    code = "departed"
 
 
 T = TypeVar("T")

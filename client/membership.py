@@ -190,6 +190,7 @@ class Membership:
                 )
                 return
             self.senderkeys.retire_all(room, event.pos)
+            self.senderkeys.forget(room, gone)
             self.senderkeys.rotate(room, since=event.pos)
             self.transcript.notice(
                 room,

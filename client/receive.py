@@ -5,15 +5,15 @@
 ``pmsg`` (a pairwise message: open under our session, act on what it carries,
 acknowledge), ``event``/``removed`` (the log moved: sync it), ``error``.
 A room message whose sender key has not arrived yet waits in a bounded stash
-and is retried when the key comes. The room's cursor moves past every message
-handled, in the same transaction as what the message changed.
+(:meth:`~.senderkeys.SenderKeys.stash`) and is retried when the key comes. The
+room's cursor moves past every message handled, in the same transaction as what
+the message changed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from backchannel.protocol import primitives as P
 from backchannel.protocol.encoding import decode
 from backchannel.protocol.envelope import NotInEpoch, RoomEnvelope, check_epoch
 from backchannel.protocol.errors import (
@@ -26,17 +26,15 @@ from backchannel.protocol.errors import (
 from backchannel.protocol.senderkey import SenderKeyDistribution
 
 from .context import Context
+from .errors import Departed
 from .membership import Membership
 from .peers import Peers
-from .records import Ring, StashItem
 from .relay import Frame, RelaySocket
 from .room import Room, Rooms
 from .senderkeys import SenderKeys
 from .sessions import Sessions
 from .transcript import Transcript
 
-#: Room messages kept per room while their sender key is on the way.
-MAX_STASH = 1000
 #: Longest wait for the relay to deliver what was stored for us (then we go on).
 CATCH_UP_TIMEOUT = 30.0
 MAX_TITLE = 200
@@ -72,7 +70,6 @@ class Receiver:
         self.ctx, self.rooms, self.membership = ctx, rooms, membership
         self.senderkeys, self.sessions = senderkeys, sessions
         self.peers, self.transcript = peers, transcript
-        self._stash: Ring[StashItem] = Ring(ctx.store, "stash", StashItem, MAX_STASH)
 
     async def pump(
         self, sock: RelaySocket, rooms: list[Room], *, idle: float = 0.5, forever: bool = False
@@ -169,7 +166,7 @@ class Receiver:
             self.transcript.warn(room, f"a pairwise message from {who} was refused ({code})")
         else:
             if kind == "keys":
-                await self.retry_stash(room)  # messages that waited for this key
+                await self.retry_stash(room, sender)  # messages that waited for this key
         await sock.send("ack", ids=[item])
 
     def _on_payload(self, room: Room, sender: bytes, plaintext: bytes) -> str:
@@ -220,13 +217,18 @@ class Receiver:
         fork = False
         with self.ctx.store.transaction():
             key = self.senderkeys.inbound(room, envelope.sender, envelope.generation)
-            if key is None:
-                self._stash_message(room, data)  # its key may still be on the way
-                self._advance(room, seq)
-                return
             who = self.peers.display_name(room, envelope.sender)
             try:
-                body = key.open(envelope, authorise=lambda env: self._authorise(room, env))
+                if key is None:
+                    # Its key may still be on the way (refused if it cannot be).
+                    self.senderkeys.stash(room, envelope, data)
+                    body = None
+                else:
+                    body = key.open(envelope, authorise=lambda env: self._authorise(room, env))
+            except Departed:
+                self.transcript.warn(
+                    room, f"a message from {who}, who is no longer a member, was refused"
+                )
             except NotInEpoch:
                 pass  # sent before we joined or after we left: not ours to read
             except ForkDetected:
@@ -236,12 +238,15 @@ class Receiver:
             except StaleSenderKey:
                 self.transcript.warn(room, f"a message under a retired key from {who} was refused")
             except NotAuthorized as exc:
-                self.transcript.warn(room, f"a room message was refused ({exc})")
+                self.transcript.warn(room, f"a message from {who} was refused: {exc}")
             except ProtocolError as exc:
                 self.transcript.warn(
                     room, f"a message claiming to be from {who} was refused ({exc.code})"
                 )
             else:
+                if key is None or body is None:
+                    self._advance(room, seq)
+                    return
                 self._show(room, envelope.sender, who, body)
                 gaps = key.missing()
                 if gaps:
@@ -272,9 +277,24 @@ class Receiver:
             return
         self.transcript.add(room, "message", text, sender=sender)
 
-    @staticmethod
-    def _authorise(room: Room, envelope: RoomEnvelope) -> None:
-        """Judge a signature-checked envelope against our validated log."""
+    def _authorise(self, room: Room, envelope: RoomEnvelope) -> None:
+        """Judge a signature-checked envelope against our validated log.
+
+        Authority is judged twice: at the epoch the sender names (it was a
+        posting member then) and now, whatever epoch it names, so that a
+        member who left, was removed or was made an observer cannot go on
+        posting by naming an epoch from before (the epoch is the sender's
+        claim). A key its owner has replaced stops at the ``prev`` count the
+        next generation declares.
+        """
+        role = room.state.role_of(envelope.sender)
+        if role is None:
+            raise Departed("its sender is no longer a member")
+        if role == "observer":
+            raise NotAuthorized("its sender may not post (observer)")
+        newer = self.senderkeys.inbound(room, envelope.sender, envelope.generation + 1)
+        if newer is not None and envelope.index >= newer.prev_count:
+            raise StaleSenderKey("under a key its owner has replaced")
         if check_epoch(room.log, envelope, room.me) == "ahead":
             raise ForkDetected("the message names log events the relay does not show us")
 
@@ -283,16 +303,9 @@ class Receiver:
             room.cursor = seq
             self.rooms.save_cursor(room)
 
-    def _stash_message(self, room: Room, data: bytes) -> None:
-        key = room.room_id + P.hash_bytes(b"bc-stash", data, 16)
-        self._stash.add(room.room_id, key, StashItem(data=data))
-
-    async def retry_stash(self, room: Room) -> None:
-        items = list(self._stash.items.scan(room.room_id))
-        if not items:
-            return
-        self._stash.drop(room.room_id)
-        # In sending order, or a later message opened first would look like a gap.
-        order = {item.data: RoomEnvelope.from_bytes(item.data) for item in items}
-        for data in sorted(order, key=lambda d: (order[d].generation, order[d].index)):
-            await self.on_room_message(room, 0, data)
+    async def retry_stash(self, room: Room, sender: bytes | None = None) -> None:
+        """Open what waited for a sender key (``sender``'s, or every member's)."""
+        senders = [sender] if sender is not None else list(room.state.members)
+        for who in senders:
+            for data in self.senderkeys.take_stashed(room, who):
+                await self.on_room_message(room, 0, data)

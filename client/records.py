@@ -128,30 +128,45 @@ class Table(Generic[C]):
 
 
 class Ring(Generic[C]):
-    """At most ``size`` rows per scope; adding one more evicts the oldest, in O(1)
-    rows whatever the size (a slot table and a counter, not a list to rewrite)."""
+    """A bounded first-in, first-out set of rows per scope: at most ``size`` rows and
+    ``max_bytes`` bytes; adding past either evicts the oldest. Each operation reads
+    and writes O(1) rows whatever the size (a slot table and a state row, not a
+    list to rewrite)."""
 
-    def __init__(self, store: Store, ns: str, kind: Any, size: int) -> None:
+    def __init__(
+        self, store: Store, ns: str, kind: Any, size: int, max_bytes: int = 1 << 62
+    ) -> None:
         self.items: Table[C] = Table(store, ns, kind)
         self._slots: Table[SlotRecord] = Table(store, ns + "-slot", SlotRecord)
-        self._next: Table[CounterRecord] = Table(store, ns + "-next", CounterRecord)
-        self.size = size
+        self._state: Table[RingState] = Table(store, ns + "-state", RingState)
+        self.size, self.max_bytes = size, max_bytes
 
-    def add(self, scope: bytes, key: bytes, record: C) -> None:
-        counter = self._next.get(scope)
-        n = 0 if counter is None else counter.n
-        slot = scope + (n % self.size).to_bytes(4, "big")
-        evicted = self._slots.get(slot)
-        if evicted is not None and evicted.key != key:
-            self.items.delete(evicted.key)
+    def add(self, scope: bytes, key: bytes, record: C, size: int = 0) -> bool:
+        """Add ``record``; False (and nothing stored) if it alone exceeds the byte budget."""
+        if size > self.max_bytes:
+            return False
+        state = self._state.get(scope) or RingState(head=0, tail=0, total=0)
+        head, total = state.head, state.total
+        while head < state.tail and (
+            state.tail - head >= self.size or total + size > self.max_bytes
+        ):
+            slot_key = scope + head.to_bytes(8, "big")
+            slot = self._slots.get(slot_key)
+            if slot is not None:
+                self.items.delete(slot.key)
+                self._slots.delete(slot_key)
+                total -= slot.size
+            head += 1
         self.items.put(key, record, scope=scope)
-        self._slots.put(slot, SlotRecord(key=key), scope=scope)
-        self._next.put(scope, CounterRecord(n=n + 1))
+        slot = SlotRecord(key=key, size=size)
+        self._slots.put(scope + state.tail.to_bytes(8, "big"), slot, scope=scope)
+        self._state.put(scope, RingState(head=head, tail=state.tail + 1, total=total + size))
+        return True
 
     def drop(self, scope: bytes) -> None:
         self.items.drop(scope)
         self._slots.drop(scope)
-        self._next.delete(scope)
+        self._state.delete(scope)
 
 
 # --- declarations: one per kind of stored state ---------------------------------------------
@@ -267,10 +282,21 @@ class SeenRecord(Record):
 
 @dataclass(frozen=True)
 class SlotRecord(Record):
-    """Which row holds a :class:`Ring`'s slot."""
+    """Which row holds a :class:`Ring`'s slot, and its size."""
 
     KIND = "ring slot"
     key: bytes
+    size: int
+
+
+@dataclass(frozen=True)
+class RingState(Record):
+    """A :class:`Ring`'s oldest and next slot, and the bytes it holds."""
+
+    KIND = "ring state"
+    head: int
+    tail: int
+    total: int
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,16 @@ names. A departure retires every inbound key: later epochs under it are refused.
 
 from __future__ import annotations
 
+from backchannel.protocol import primitives as P
 from backchannel.protocol import roomlog as L
 from backchannel.protocol.encoding import Value
-from backchannel.protocol.errors import ProtocolError, UnknownSenderKey
+from backchannel.protocol.envelope import RoomEnvelope
+from backchannel.protocol.errors import (
+    NotAuthorized,
+    ProtocolError,
+    StaleSenderKey,
+    UnknownSenderKey,
+)
 from backchannel.protocol.senderkey import (
     InboundSenderKey,
     OutboundSenderKey,
@@ -20,12 +27,17 @@ from backchannel.protocol.senderkey import (
 )
 
 from .context import Context
+from .errors import Departed
 from .peers import Peers
-from .records import DistributionRecord, ProfileRecord, Table
+from .records import CounterRecord, DistributionRecord, ProfileRecord, Ring, StashItem, Table
 from .relay import RelayError, RelaySocket
 from .room import Room
 from .sessions import Sessions
 from .transcript import Transcript
+
+#: Room messages kept per sender while their key is on the way, and their bytes.
+MAX_STASH_PER_SENDER = 100
+MAX_STASH_BYTES_PER_SENDER = 2 << 20
 
 
 def _inbound_key(room: Room, owner: bytes, generation: int) -> bytes:
@@ -40,6 +52,11 @@ class SenderKeys:
         self._out: Table[OutboundSenderKey] = Table(ctx.store, "outkey", OutboundSenderKey)
         self._dist: Table[DistributionRecord] = Table(ctx.store, "dist", DistributionRecord)
         self._in: Table[InboundSenderKey] = Table(ctx.store, "inkey", InboundSenderKey)
+        #: The highest generation we hold per sender (generations only go up).
+        self._latest: Table[CounterRecord] = Table(ctx.store, "ingen", CounterRecord)
+        self._stash: Ring[StashItem] = Ring(
+            ctx.store, "stash", StashItem, MAX_STASH_PER_SENDER, MAX_STASH_BYTES_PER_SENDER
+        )
 
     # --- ours ------------------------------------------------------------------------------
 
@@ -106,12 +123,20 @@ class SenderKeys:
             key.retire(pos)
             self.save_inbound(room, key)
 
-    def accept(self, room: Room, sender: bytes, dist: SenderKeyDistribution) -> None:
-        """A sender key ``sender`` handed us over our pairwise session."""
+    def accept(self, room: Room, sender: bytes, dist: SenderKeyDistribution) -> bool:
+        """A sender key ``sender`` handed us over our pairwise session; True if it is new.
+
+        Generations only go up: one at or below what we hold is refused (or is
+        the same one again). Once a newer generation arrives, the one before it
+        is kept only while messages under it are still missing, and older ones go.
+        """
         if dist.owner != sender or dist.room_id != room.room_id:
             raise UnknownSenderKey("a sender key for someone else")
-        if self.inbound(room, sender, dist.generation) is not None:
-            return
+        latest = self._latest.get(room.room_id + sender)
+        if latest is not None and dist.generation <= latest.n:
+            if self.inbound(room, sender, dist.generation) is not None:
+                return False
+            raise StaleSenderKey("a sender key generation that does not increase")
         previous = self.inbound(room, sender, dist.generation - 1) if dist.generation else None
         if previous is not None and previous.index < dist.prev_count:
             # The sender says how many it sent under its old key: a
@@ -129,3 +154,49 @@ class SenderKeys:
                 key.retire(event_pos)
                 break
         self.save_inbound(room, key)
+        self._latest.put(room.room_id + sender, CounterRecord(n=dist.generation))
+        if previous is not None and previous.index >= dist.prev_count:
+            self._in.delete(_inbound_key(room, sender, previous.generation))
+        if dist.generation >= 2:
+            self._in.delete(_inbound_key(room, sender, dist.generation - 2))
+        return True
+
+    def forget(self, room: Room, member: bytes) -> None:
+        """``member`` left or was removed: nothing under its keys is read again."""
+        for key in self.inbound_keys(room):
+            if key.owner == member:
+                self._in.delete(_inbound_key(room, member, key.generation))
+        self._stash.drop(room.room_id + member)
+
+    # --- messages that wait for their key -------------------------------------------------
+
+    def stash(self, room: Room, envelope: RoomEnvelope, data: bytes) -> None:
+        """Keep a message whose key has not arrived; raise to refuse it instead.
+
+        Its signature cannot be checked without the key, so what is kept is
+        bounded per sender (count and bytes) and only for current posting
+        members and generations we do not hold yet.
+        """
+        role = room.state.role_of(envelope.sender)
+        if role is None:
+            raise Departed("its sender is not a member")
+        if role == "observer":
+            raise NotAuthorized("its sender may not post (observer)")
+        latest = self._latest.get(room.room_id + envelope.sender)
+        if latest is not None and envelope.generation <= latest.n:
+            raise StaleSenderKey("under a sender key its owner replaced")
+        scope = room.room_id + envelope.sender
+        key = scope + P.hash_bytes(b"bc-stash", data, 16)
+        if not self._stash.add(scope, key, StashItem(data=data), len(data)):
+            raise NotAuthorized("too large to keep while its key is on the way")
+
+    def take_stashed(self, room: Room, sender: bytes) -> list[bytes]:
+        """What waited for ``sender``'s keys, in sending order; the stash forgets it."""
+        scope = room.room_id + sender
+        items = [item.data for item in self._stash.items.scan(scope)]
+        if not items:
+            return []
+        self._stash.drop(scope)
+        # In sending order, or a later message opened first would look like a gap.
+        order = {data: RoomEnvelope.from_bytes(data) for data in items}
+        return sorted(order, key=lambda d: (order[d].generation, order[d].index))
