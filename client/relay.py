@@ -288,7 +288,12 @@ class RelaySocket:
         try:
             while True:
                 frame = await self._recv_raw()
-                cid = frame.get("cid") if frame.type in ("sent", "psent", "error") else None
+                # The relay answers a request with its cid; an error names it as ``ref``.
+                cid = (
+                    frame.get("ref" if frame.type == "error" else "cid")
+                    if frame.type in ("sent", "psent", "error")
+                    else None
+                )
                 if isinstance(cid, bytes) and cid in self._pending:
                     future = self._pending.pop(cid)
                     if not future.done():

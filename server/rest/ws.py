@@ -23,6 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from backchannel.protocol import errors as perr
 from backchannel.protocol import primitives as P
 from backchannel.protocol import relayauth
+from backchannel.protocol.envelope import RoomEnvelope
 
 from .. import frames as F
 from ..errors import RelayError
@@ -357,6 +358,13 @@ class Connection:
                 frame.cid,
             )
             return
+        if isinstance(frame, F.Send) and not _names_its_sender(frame):
+            # Defence in depth (clients check signatures and authority): a
+            # member's connection may not post an envelope naming someone else.
+            await self.error(
+                "sender_mismatch", "the message names another sender or room", frame.cid
+            )
+            return
         if not self.bucket.take():
             await self.error("rate_limited", "slow down", frame.cid)
             return
@@ -532,3 +540,15 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     finally:
         metrics.connections.dec()
         limiter.release(address)
+
+
+def _names_its_sender(frame: F.Send) -> bool:
+    """False when the data is a room envelope whose sender or room is not the frame's.
+
+    What is not an envelope at all stays opaque to the relay (clients refuse it
+    as malformed, and it names nobody)."""
+    try:
+        envelope = RoomEnvelope.from_bytes(frame.data)
+    except perr.ProtocolError:
+        return True
+    return envelope.sender == frame.sender and envelope.room_id == frame.room
