@@ -94,6 +94,10 @@ class Receiver:
             except TimeoutError:
                 return
             if frame.type == "pong":
+                if not caught_up:
+                    with self.ctx.store.transaction():
+                        for room in rooms:
+                            self.senderkeys.report_lost_tails(room)
                 caught_up = True
                 continue
             await self.handle_frame(sock, by_id, frame)

@@ -145,6 +145,8 @@ class Ring(Generic[C]):
         """Add ``record``; False (and nothing stored) if it alone exceeds the byte budget."""
         if size > self.max_bytes:
             return False
+        if self.items.get(key) is not None:
+            return True  # already held: one slot per row, or evicting one would drop both
         state = self._state.get(scope) or RingState(head=0, tail=0, total=0)
         head, total = state.head, state.total
         while head < state.tail and (

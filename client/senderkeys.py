@@ -35,6 +35,8 @@ from .room import Room
 from .sessions import Sessions
 from .transcript import Transcript
 
+#: Generations of one member's key held at once (older ones are dropped).
+KEEP_GENERATIONS = 4
 #: Room messages kept per sender while their key is on the way, and their bytes.
 MAX_STASH_PER_SENDER = 100
 MAX_STASH_BYTES_PER_SENDER = 2 << 20
@@ -137,16 +139,6 @@ class SenderKeys:
             if self.inbound(room, sender, dist.generation) is not None:
                 return False
             raise StaleSenderKey("a sender key generation that does not increase")
-        previous = self.inbound(room, sender, dist.generation - 1) if dist.generation else None
-        if previous is not None and previous.index < dist.prev_count:
-            # The sender says how many it sent under its old key: a
-            # dropped tail shows up here rather than as silence.
-            lost = dist.prev_count - previous.index + len(previous.missing())
-            self.transcript.warn(
-                room,
-                f"{lost} message(s) from {self.peers.display_name(room, sender)} "
-                "under their previous key never arrived",
-            )
         key = InboundSenderKey.from_distribution(dist)
         # A departure after the key was made retires it like the others.
         for event_pos in range(dist.since + 1, room.state.length):
@@ -155,11 +147,35 @@ class SenderKeys:
                 break
         self.save_inbound(room, key)
         self._latest.put(room.room_id + sender, CounterRecord(n=dist.generation))
-        if previous is not None and previous.index >= dist.prev_count:
+        previous = self.inbound(room, sender, dist.generation - 1) if dist.generation else None
+        if previous is not None and previous.index >= dist.prev_count and not previous.missing():
             self._in.delete(_inbound_key(room, sender, previous.generation))
-        if dist.generation >= 2:
-            self._in.delete(_inbound_key(room, sender, dist.generation - 2))
+        if dist.generation >= KEEP_GENERATIONS:
+            # However fast a member rotates, we hold a bounded number of its keys.
+            self._in.delete(_inbound_key(room, sender, dist.generation - KEEP_GENERATIONS))
         return True
+
+    def report_lost_tails(self, room: Room) -> None:
+        """Once caught up: what a replaced key never delivered is lost; say so, and drop it.
+
+        A new generation declares how many messages were sent under the one
+        before (``prev``). It travels pairwise and can arrive before the room
+        backlog it speaks of, so the count is judged only after catching up.
+        """
+        for key in self.inbound_keys(room):
+            newer = self.inbound(room, key.owner, key.generation + 1)
+            if newer is None:
+                continue
+            lost = max(0, newer.prev_count - key.index) + sum(
+                1 for i in key.missing() if i < newer.prev_count
+            )
+            if lost:
+                self.transcript.warn(
+                    room,
+                    f"{lost} message(s) from {self.peers.display_name(room, key.owner)} "
+                    "under their previous key never arrived",
+                )
+            self._in.delete(_inbound_key(room, key.owner, key.generation))
 
     def forget(self, room: Room, member: bytes) -> None:
         """``member`` left or was removed: nothing under its keys is read again."""

@@ -30,7 +30,8 @@ def describe_rules(rules: L.Rules) -> str:
         "never shared.",
     }[rules.mode]
     hours = rules.retention / 3600
-    kept = f"{hours / 24:g} days" if hours >= 24 else f"{hours:g} hours"
+    amount, unit = (hours / 24, "day") if hours >= 24 else (hours, "hour")
+    kept = f"{amount:g} {unit}" + ("" if amount == 1 else "s")
     return f"rules: {what}\nmessages are deleted after {kept}."
 
 

@@ -166,3 +166,17 @@ class MaliciousRelay(RelayServer):
         super().__init__(settings, clock)
         self.tamper = tamper
         self.server = uvicorn.Server(uvicorn_config(MaliciousApp(self.app, tamper), self.settings))
+
+
+def smuggle(tamper: Tamper, reader: Any, data: bytes) -> None:
+    """Play a relay that does not check senders: hand ``data`` to ``reader`` as a room
+    message, just before the next real one."""
+    sent: list[bool] = []
+
+    def hook(conn: Any, f: dict[str, Any]) -> list[dict[str, Any]]:
+        if f.get("t") == "msg" and reader.me in conn.keys and not sent:
+            sent.append(True)
+            return [{**f, "data": data}, f]
+        return [f]
+
+    tamper.server_frame = hook

@@ -9,7 +9,6 @@ warning that names the sender.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 import pytest
 
@@ -18,7 +17,7 @@ from backchannel.client.relay import RelayError
 from backchannel.protocol import primitives as P
 from backchannel.protocol import roomlog as L
 from backchannel.protocol.encoding import encode
-from tests.adversarial.malicious import Tamper
+from tests.adversarial.malicious import Tamper, smuggle
 from tests.adversarial.spoiler import new_spoiler, seat
 from tests.client.helpers import People, heard, online, room_with, say
 
@@ -59,20 +58,6 @@ async def test_unreadable_plaintext_does_not_silence_the_room(people: People) ->
     await online(ann, ann_room)
     assert len([w for w in warnings(ann, ann_room) if "unreadable" in w]) == 4
     assert ann.room(ann_room.name).cursor == ann_room.cursor > 0
-
-
-def smuggle(tamper: Tamper, reader: Room, data: bytes) -> None:
-    """Play a relay that does not check senders: hand ``data`` to ``reader`` as a room
-    message, just before the next real one."""
-    sent: list[bool] = []
-
-    def hook(conn: Any, f: dict[str, Any]) -> list[dict[str, Any]]:
-        if f.get("t") == "msg" and reader.me in conn.keys and not sent:
-            sent.append(True)
-            return [{**f, "data": data}, f]
-        return [f]
-
-    tamper.server_frame = hook
 
 
 async def test_a_removed_member_cannot_post_by_naming_an_earlier_epoch(
