@@ -32,7 +32,7 @@ from backchannel.protocol.errors import ProtocolError
 from .core import Client, ClientError, Line, MemberView, Room
 from .relay import RelayError
 from .render import inert
-from .store import Store, StoreError, wipe
+from .store import ProfileInUse, Store, StoreError, wipe
 from .views import describe_rules, format_line, member_json, render_export, room_json
 
 T = TypeVar("T")
@@ -139,6 +139,8 @@ def errors() -> Iterator[None]:
         yield
     except ClientError as exc:
         err(str(exc), exc.hint)
+    except ProfileInUse as exc:
+        err(str(exc), "close the other window, or wait for it to finish")
     except StoreError as exc:
         err(str(exc), "check --home and the passphrase")
     except RelayError as exc:

@@ -21,11 +21,19 @@ Layout (docs/client.md, "Local state"):
 Every write goes through :meth:`Store.transaction`; a ratchet step and the
 message it produced are committed together (DESIGN.md §1.9). SQLite runs in
 WAL mode with ``synchronous=FULL``.
+
+One process at a time: an open store holds an exclusive ``flock`` on
+``state.lock`` next to the file. SQLite alone would serialise the writes but
+not the read-modify-write of a ratchet or sender key around them, so two
+processes on one profile could encrypt twice under the same key and nonce, or
+each take the other's progress for a replay.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import io
 import os
 import sqlite3
 import time
@@ -41,6 +49,7 @@ from backchannel.protocol.errors import DecryptionFailed, ProtocolError
 #: records per room.
 STORE_VERSION: Final = 2
 DB_NAME: Final = "state.db"
+LOCK_NAME: Final = "state.lock"
 _LABEL_INDEX: Final = b"bc-store-index"
 _LABEL_WRAP: Final = b"bc-store-wrap"
 
@@ -75,11 +84,18 @@ class StoreCorrupt(StoreError):
     pass
 
 
+class ProfileInUse(StoreError):
+    """Another process (or another :class:`Store` in this one) has the profile open."""
+
+
 class Store:
     """An open, unlocked store. Create with :meth:`create` or :meth:`open`."""
 
-    def __init__(self, conn: sqlite3.Connection, master: bytes) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, master: bytes, lock: io.FileIO | None = None
+    ) -> None:
         self._conn = conn
+        self._lock = lock
         self._master = master
         self._index_key = P.kdf(master, _LABEL_INDEX, b"", 32)
         self._depth = 0
@@ -109,6 +125,17 @@ class Store:
         path = cls.path(home)
         if path.exists():
             raise StoreError(f"a profile already exists in {home}")
+        lock = _lock(home)
+        try:
+            return cls._create_locked(path, passphrase, opslimit, memlimit, lock)
+        except BaseException:
+            lock.close()
+            raise
+
+    @classmethod
+    def _create_locked(
+        cls, path: Path, passphrase: str, opslimit: int, memlimit: int, lock: io.FileIO
+    ) -> Store:
         master = P.random_bytes(32)
         salt = P.random_bytes(P.ARGON2_SALT_SIZE)
         kek = P.argon2id(passphrase.encode(), salt, opslimit=opslimit, memlimit=memlimit)
@@ -131,13 +158,24 @@ class Store:
         )
         with conn:
             conn.execute("INSERT INTO meta (name, value) VALUES ('header', ?)", (header,))
-        return cls(conn, master)
+        return cls(conn, master, lock)
 
     @classmethod
     def open(cls, home: Path, passphrase: str) -> Store:
         path = cls.path(home)
         if not path.exists():
             raise NoProfile(f"no profile in {home}")
+        # Before reading the header or running the KDF, so a second process
+        # fails at once rather than after seconds of Argon2id.
+        lock = _lock(home)
+        try:
+            return cls._open_locked(home, path, passphrase, lock)
+        except BaseException:
+            lock.close()
+            raise
+
+    @classmethod
+    def _open_locked(cls, home: Path, path: Path, passphrase: str, lock: io.FileIO) -> Store:
         conn = _connect(path)
         try:
             row = conn.execute("SELECT value FROM meta WHERE name = 'header'").fetchone()
@@ -172,10 +210,16 @@ class Store:
         except DecryptionFailed:
             conn.close()
             raise WrongPassphrase("wrong passphrase") from None
-        return cls(conn, master)
+        return cls(conn, master, lock)
 
     def close(self) -> None:
-        self._conn.close()
+        """Close the database, then give up the profile lock."""
+        try:
+            self._conn.close()
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
 
     # --- transactions ---------------------------------------------------------------------
 
@@ -293,7 +337,11 @@ class Store:
 
 def purge_without_unlocking(home: Path, now: float | None = None) -> int:
     """Delete expired transcript rows without the passphrase (retention runs even
-    when nobody unlocks the profile)."""
+    when nobody unlocks the profile).
+
+    Takes no profile lock, so it also runs while a chat is open: it only
+    deletes lapsed rows, in one SQLite transaction that SQLite serialises with
+    the holder's, and reads or advances no key."""
     path = Store.path(home)
     if not path.exists():
         return 0
@@ -310,7 +358,11 @@ def purge_without_unlocking(home: Path, now: float | None = None) -> int:
 def wipe(home: Path) -> bool:
     """Overwrite and delete the state file and its WAL side files. The
     overwrite is best effort (SSDs and copy-on-write file systems may keep old
-    blocks); losing the wrapped master key is what makes the rest unreadable."""
+    blocks); losing the wrapped master key is what makes the rest unreadable.
+
+    Does not take or respect the profile lock: a panic button must not wait
+    for a chat window. Wiping an open profile proceeds; the process holding it
+    is left with overwritten files and fails on its next read or write."""
     found = False
     for suffix in ("", "-wal", "-shm", "-journal"):
         path = Path(str(Store.path(home)) + suffix)
@@ -325,7 +377,51 @@ def wipe(home: Path) -> bool:
                 fh.flush()
                 os.fsync(fh.fileno())
             path.unlink()
+    # Not counted as found: it holds only a PID, never state.
+    (home / LOCK_NAME).unlink(missing_ok=True)
     return found
+
+
+def _lock(home: Path) -> io.FileIO:
+    """Take the profile lock, or raise :class:`ProfileInUse` naming the holder.
+
+    ``flock`` belongs to the open file, so the kernel drops it when the
+    process dies, however it dies: a killed process never leaves the profile
+    locked, and there is no stale lock to clean up.
+    """
+    path = home / LOCK_NAME
+    try:
+        # No O_TRUNC: the holder's PID must survive until we know we are not it.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot open {path}: {exc.strerror}") from None
+    lock = io.FileIO(fd, "r+")
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BlockingIOError:
+            pid = _holder(fd)
+            who = f" (pid {pid})" if pid is not None else ""
+            raise ProfileInUse(
+                f"this profile is open in another backchannel process{who}"
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"cannot lock {path}: {exc.strerror}") from None
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def _holder(fd: int) -> int | None:
+    # Empty if the holder has not written its PID yet; then the message names none.
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -673,6 +673,10 @@ def _check_authority(state: RoomState, event: Event, limits: LogLimits) -> None:
         _require_facilitator(state, event.author)
         if event.invite in state.invites:
             raise InvalidInvite("invite key already used in this room")
+        if event.invite in _all_halves(state):
+            # The mirror of the join rule below: every code holder learns the
+            # invite's private half, so it must not also be a member key's.
+            raise InvalidInvite("invite key is a half of a member key of this room")
         if event.uses > limits.max_uses:
             raise InvalidInvite(f"invite allows more than {limits.max_uses} uses")
         if event.expires <= event.ts:
@@ -714,12 +718,14 @@ def _check_join(state: RoomState, event: JoinEvent, limits: LogLimits) -> None:
     if not P.ct_equal(event.rules_hash, state.rules.rules_hash()):
         raise RulesMismatch("join acknowledges rules other than the current ones")
     new = event.member
-    if new.sign in state.invites:
-        # Every holder of that invite code knows this signing key.
+    if new.sign in state.invites or new.dh in state.invites:
+        # Every holder of that invite code knows the invite's private half.
         raise MembershipError("member key is an invite key")
-    for known in _all_member_keys(state):
-        if known.sign == new.sign or known.dh == new.dh:
-            raise MembershipError("member key is or was already in this room")
+    # Either half against both halves of every key: comparing only like
+    # halves would accept logs that the spec, and so other validators, refuse.
+    seen = _all_halves(state)
+    if new.sign in seen or new.dh in seen:
+        raise MembershipError("member key is or was already in this room")
     if len(state.members) >= limits.max_members:
         raise RoomFull(f"room already has {limits.max_members} members")
 
@@ -728,6 +734,11 @@ def _all_member_keys(state: RoomState) -> Iterable[MemberPublicKey]:
     for member in state.members.values():
         yield member.key
     yield from state.departed.values()
+
+
+def _all_halves(state: RoomState) -> set[bytes]:
+    """Both halves of every current and departed member key, in one namespace."""
+    return {half for key in _all_member_keys(state) for half in (key.sign, key.dh)}
 
 
 def _fold(state: RoomState | None, event: Event, digest: bytes) -> RoomState:

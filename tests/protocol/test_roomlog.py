@@ -25,7 +25,7 @@ from backchannel.protocol.errors import (
     ProtocolError,
     UnsupportedVersion,
 )
-from backchannel.protocol.keys import MemberKeyPair, signing_input
+from backchannel.protocol.keys import MemberKeyPair, MemberPublicKey, signing_input
 from tests.protocol.drbg import Drbg
 
 T0 = 1_800_000_000
@@ -412,6 +412,87 @@ def test_rejects_duplicate_member_keys() -> None:
     assert_rejected(
         log, L.make_join(invite_key, seed, log.state, T0 + 2, check=False), MembershipError
     )
+
+
+def posing(pair: MemberKeyPair, dh: bytes) -> MemberKeyPair:
+    """``pair`` claiming someone else's bytes as its X25519 half: nothing proves a
+    ``dh`` half, so a hostile joiner can put any 32 bytes there and still sign."""
+    return replace(pair, public=MemberPublicKey(sign=pair.public.sign, dh=dh))
+
+
+def cross_room(
+    *joiners: MemberKeyPair, gone: MemberKeyPair | None = None
+) -> tuple[L.RoomLog, bytes]:
+    """F's room with ``joiners`` admitted through one invite (whose seed is returned),
+    and ``gone``, if given, removed again."""
+    log = prefix_log(1)
+    ev, seed = L.make_invite(F, log.state, "participant", T0 + DAY, 10, T0, Drbg("cross"))
+    log.append(ev)
+    for who in joiners:
+        log.append(L.make_join(who, seed, log.state, T0 + 1))
+    if gone is not None:
+        log.append(L.make_remove(F, log.state, gone.public, T0 + 2))
+    return log, seed
+
+
+@pytest.mark.parametrize("departed", [False, True], ids=["current", "departed"])
+def test_rejects_join_whose_dh_is_a_members_signing_key(departed: bool) -> None:
+    log, seed = cross_room(ALICE, gone=ALICE if departed else None)
+    hostile = posing(MALLORY, ALICE.public.sign)
+    join = L.make_join(hostile, seed, log.state, T0 + 3, check=False)
+    assert_rejected(log, join, MembershipError)
+
+
+def test_rejects_join_whose_dh_is_the_creators_signing_key() -> None:
+    log, seed = cross_room()
+    join = L.make_join(posing(MALLORY, F.public.sign), seed, log.state, T0 + 3, check=False)
+    assert_rejected(log, join, MembershipError)
+
+
+@pytest.mark.parametrize("departed", [False, True], ids=["current", "departed"])
+def test_rejects_join_whose_signing_key_is_a_members_dh(departed: bool) -> None:
+    # Alice's X25519 half is Mallory's Ed25519 key, so Mallory's genuine key collides.
+    alice = posing(ALICE, MALLORY.public.sign)
+    log, seed = cross_room(alice, gone=alice if departed else None)
+    join = L.make_join(MALLORY, seed, log.state, T0 + 3, check=False)
+    assert_rejected(log, join, MembershipError)
+
+
+def test_rejects_join_whose_dh_is_its_own_invite_key() -> None:
+    log, seed = cross_room()
+    invite_key = P.ed25519_public(seed)
+    join = L.make_join(posing(MALLORY, invite_key), seed, log.state, T0 + 3, check=False)
+    assert_rejected(log, join, MembershipError)
+
+
+def test_rejects_join_whose_dh_is_another_invite_key() -> None:
+    log, seed = cross_room()
+    ev, other = L.make_invite(F, log.state, "observer", T0 + DAY, 1, T0 + 2, Drbg("other"))
+    log.append(ev)
+    hostile = posing(MALLORY, P.ed25519_public(other))
+    assert_rejected(
+        log, L.make_join(hostile, seed, log.state, T0 + 3, check=False), MembershipError
+    )
+
+
+@pytest.mark.parametrize("departed", [False, True], ids=["current", "departed"])
+def test_rejects_invite_key_that_is_a_members_signing_key(departed: bool) -> None:
+    log, _ = cross_room(ALICE, gone=ALICE if departed else None)
+    data, _ = L.make_invite(
+        F, log.state, "participant", T0 + DAY, 1, T0 + 3, lambda n: ALICE.sign_seed, check=False
+    )
+    assert_rejected(log, data, InvalidInvite)
+
+
+@pytest.mark.parametrize("departed", [False, True], ids=["current", "departed"])
+def test_rejects_invite_key_that_is_a_members_dh(departed: bool) -> None:
+    seed = Drbg("dh-as-invite")(32)
+    alice = posing(ALICE, P.ed25519_public(seed))
+    log, _ = cross_room(alice, gone=alice if departed else None)
+    data, _ = L.make_invite(
+        F, log.state, "participant", T0 + DAY, 1, T0 + 3, lambda n: seed, check=False
+    )
+    assert_rejected(log, data, InvalidInvite)
 
 
 def test_removed_member_key_can_never_rejoin() -> None:
