@@ -334,7 +334,8 @@ def members(
     for m in found:
         mark = "you" if m.me else ("verified" if m.verified else "unverified")
         aff = f" ({inert(m.affiliation, limit=40)})" if m.affiliation else ""
-        typer.echo(f"{inert(m.name, limit=40)}{aff}\t{m.role}\t{mark}\t{m.fingerprint[:16]}")
+        # Not cut: the fingerprint suffix at the end of a label tells lookalikes apart.
+        typer.echo(f"{m.name}{aff}\t{m.role}\t{mark}\t{m.fingerprint[:16]}")
 
 
 @app.command()

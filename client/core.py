@@ -9,6 +9,7 @@ the work is done by the parts it wires together (docs/client.md, "Code map"):
 - :mod:`.senderkeys` — our sender key (sealed under, rotated, handed out) and others';
 - :mod:`.sending` and :mod:`.outbox` — connecting, sending, resending;
 - :mod:`.receive` — frames from the relay become lines and state;
+- :mod:`.forks` — a room is locked only on evidence (two signed events at one position);
 - :mod:`.peers` and :mod:`.transcript` — names, verification, and what is shown.
 
 State lives in the sealed :class:`~.store.Store`, as the typed records of
@@ -28,9 +29,10 @@ from backchannel.protocol.safety import SafetyNumber
 
 from .context import Context
 from .errors import ClientError
+from .forks import Forks
 from .membership import Membership
 from .outbox import Outbox
-from .peers import MemberView, Peers, pseudonym
+from .peers import MemberView, NameTag, Peers, pseudonym
 from .prekeys import Prekeys
 from .receive import Receiver
 from .records import ProfileRecord, Table
@@ -42,11 +44,16 @@ from .sessions import Sessions
 from .store import Store
 from .transcript import Line, Transcript
 
-__all__ = ["Client", "ClientError", "Line", "MemberView", "Room", "pseudonym"]
+__all__ = ["Client", "ClientError", "Line", "MemberView", "NameTag", "Room", "pseudonym"]
 
 
 def _profiles(store: Store) -> Table[ProfileRecord]:
     return Table(store, "profile", ProfileRecord)
+
+
+def _own_name(store: Store) -> str | None:
+    found = _profiles(store).get(b"me")
+    return None if found is None else found.name
 
 
 class Client:
@@ -63,13 +70,16 @@ class Client:
         self.ctx = ctx = Context(store, proxy=proxy, clock=clock)
         self.transcript = Transcript(ctx)
         self.room_store = Rooms(store)
-        self.peers = Peers(store)
+        self.peers = Peers(store, own_name=lambda: _own_name(store))
         self.prekeys = Prekeys(ctx, self.transcript)
         self.sessions = Sessions(ctx, self.prekeys, self.peers, self.transcript)
         self.senderkeys = SenderKeys(ctx, self.sessions, self.peers, self.transcript)
-        self.outbox = Outbox(store)
+        self.outbox = Outbox(ctx, self.transcript)
         self.membership = Membership(
             ctx, self.room_store, self.senderkeys, self.prekeys, self.peers, self.transcript
+        )
+        self.forks = Forks(
+            ctx, self.room_store, self.membership, self.sessions, self.peers, self.transcript
         )
         self.receiver = Receiver(
             ctx,
@@ -79,6 +89,7 @@ class Client:
             self.sessions,
             self.peers,
             self.transcript,
+            self.forks,
         )
         self.sender = Sender(
             ctx,
@@ -170,8 +181,14 @@ class Client:
     def lines(self, room: Room, after: int = -1) -> list[Line]:
         return self.transcript.lines(room, after)
 
-    def display_name(self, room: Room, sign: bytes) -> str:
-        return self.peers.display_name(room, sign)
+    def display_name(self, room: Room, sign: bytes, *, as_you: bool = True) -> str:
+        return self.peers.display_name(room, sign, as_you=as_you)
+
+    def tag(self, room: Room, sign: bytes, *, as_you: bool = True) -> NameTag:
+        return self.peers.tag(room, sign, as_you=as_you)
+
+    def tags(self, room: Room) -> dict[bytes, NameTag]:
+        return self.peers.tags(room)
 
     def members(self, room: Room) -> list[MemberView]:
         return self.peers.members(room)

@@ -175,11 +175,15 @@ class Membership:
         with self.ctx.store.transaction():
             self.rooms.save_events(room, first)
             for event in new:
-                self._after_event(room, event)
+                self.after_event(room, event)
             self.rooms.save(room)
+        if new:
+            # Now rather than at the next line shown (members came or went, so
+            # names may collide): a room message then reads only its sender's row.
+            self.peers.refresh(room)
         return new
 
-    def _after_event(self, room: Room, event: L.Event) -> None:
+    def after_event(self, room: Room, event: L.Event) -> None:
         if isinstance(event, L.RemoveEvent | L.LeaveEvent):
             removed = isinstance(event, L.RemoveEvent)
             gone = event.target if isinstance(event, L.RemoveEvent) else event.author
@@ -192,15 +196,15 @@ class Membership:
             self.senderkeys.retire_all(room, event.pos)
             self.senderkeys.forget(room, gone)
             self.senderkeys.rotate(room, since=event.pos)
+            # The name is filled in when the line is shown (records.LineRecord):
+            # one baked in now would keep a pseudonym after the profile arrives.
             self.transcript.notice(
                 room,
-                f"{self.peers.display_name(room, gone)} "
-                f"{'was removed' if removed else 'left'}; keys rotated",
+                f"{{who}} {'was removed' if removed else 'left'}; keys rotated",
+                about=gone,
             )
         elif isinstance(event, L.JoinEvent) and event.member.sign != room.me:
-            self.transcript.notice(
-                room, f"{self.peers.display_name(room, event.member.sign)} joined"
-            )
+            self.transcript.notice(room, "{who} joined", about=event.member.sign)
         elif isinstance(event, L.SetRulesEvent):
             self.transcript.notice(
                 room,

@@ -5,20 +5,28 @@ our pairwise channel with them (their profile) or from us (verification).
 One row per member (:class:`~.records.PeerRecord`). Under ``anonymous``
 rules, names and affiliations are neither kept nor shown; every client derives
 the same pseudonym from the member key instead.
+
+Names are self-asserted, so what is shown is each member's label in the room's
+name table (:func:`~.names.unique_names`): unique within the room, never
+"you", with whether we verified the member. The table is cached per room.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
-from backchannel.protocol import primitives as P
+from backchannel.protocol import roomlog as L
 from backchannel.protocol.keys import MemberPublicKey
 from backchannel.protocol.safety import SafetyNumber, safety_number
 
 from .errors import ClientError, unique_match
+from .names import SEPARATOR, Chosen, pseudonym, skeleton, unique_names
 from .records import PeerRecord, Table
 from .room import Room
 from .store import Store
+
+__all__ = ["MAX_AFFILIATION", "MAX_NAME", "MemberView", "NameTag", "Peers", "pseudonym"]
 
 MAX_NAME = 64
 MAX_AFFILIATION = 128
@@ -38,58 +46,155 @@ class MemberView:
         return self.key.fingerprint().hex()
 
 
+@dataclass(frozen=True)
+class NameTag:
+    """How a speaker is shown: its unique label, and whether we compared safety numbers."""
+
+    name: str
+    verified: bool
+
+
+@dataclass
+class _NameTable:
+    key: tuple[int, int]  # (log length, this room's peer-row version)
+    tags: dict[bytes, NameTag]  # everyone the log ever admitted; ours by our profile name
+    rows: dict[bytes, PeerRecord] = field(default_factory=dict)  # what the tags were made of
+
+
 class Peers:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, own_name: Callable[[], str | None] = lambda: None) -> None:
         self._rows: Table[PeerRecord] = Table(store, "peer", PeerRecord)
+        #: Our profile's name: others see us by it, so it takes part in the table.
+        self._own_name = own_name
+        self._versions: dict[bytes, int] = {}
+        self._tables: dict[bytes, _NameTable] = {}
+        self._admitted: dict[bytes, tuple[int, dict[bytes, MemberPublicKey]]] = {}
 
     def get(self, room: Room, sign: bytes) -> PeerRecord:
         return self._rows.get(room.room_id + sign) or PeerRecord()
 
     def _put(self, room: Room, sign: bytes, record: PeerRecord) -> None:
         self._rows.put(room.room_id + sign, record, scope=room.room_id)
+        self._versions[room.room_id] = self._versions.get(room.room_id, 0) + 1
+        # Now, not at the next line shown: a room message then costs one row read
+        # (its sender's, to check the table) however large the room.
+        self.refresh(room)
 
     def learn(self, room: Room, sign: bytes, name: object, affiliation: object) -> None:
         """What a member said about itself, over our pairwise channel."""
         if room.state.rules.mode == "anonymous":
             return  # never kept, so never shown or exported
-        record = self.get(room, sign)
+        known = record = self.get(room, sign)
         if isinstance(name, str):
             record = replace(record, name=name[:MAX_NAME])
         if isinstance(affiliation, str):
             record = replace(record, affiliation=affiliation[:MAX_AFFILIATION])
-        self._put(room, sign, record)
+        if record != known:
+            self._put(room, sign, record)
 
-    def display_name(self, room: Room, sign: bytes) -> str:
-        if sign == room.me:
-            return "you"
-        if room.state.rules.mode != "anonymous":
-            name = self.get(room, sign).name
-            if name:
-                return name
-        return pseudonym(room.room_id, sign)
+    # --- names as shown ----------------------------------------------------------------------
+
+    def _members_ever(self, room: Room) -> dict[bytes, MemberPublicKey]:
+        """Every key the log admitted, departed ones too: an old line keeps a name that
+        is unique among everyone who could have written it."""
+        length, keys = self._admitted.get(room.room_id, (0, {}))
+        if length > len(room.log):  # another, shorter copy of the log: start again
+            length, keys = 0, {}
+        for pos in range(length, len(room.log)):
+            event = room.log.decoded(pos)
+            if isinstance(event, L.CreateEvent | L.JoinEvent):
+                keys[event.member.sign] = event.member
+        self._admitted[room.room_id] = (len(room.log), keys)
+        return keys
+
+    def _key(self, room: Room) -> tuple[int, int]:
+        return len(room.log), self._versions.get(room.room_id, 0)
+
+    def refresh(self, room: Room) -> None:
+        """Rebuild the room's name table (after its log or a peer row changed)."""
+        anonymous = room.state.rules.mode == "anonymous"
+        keys = self._members_ever(room)
+        rows = {sign: self.get(room, sign) for sign in keys if sign != room.me}
+        own = None if anonymous else self._own_name()
+        chosen = []
+        for sign, key in keys.items():
+            name = own if sign == room.me else (None if anonymous else rows[sign].name)
+            if not name or not skeleton(name):
+                name = pseudonym(room.room_id, sign)
+            chosen.append(Chosen(sign, name, key.fingerprint().hex()))
+        labels = unique_names(chosen)
+        tags = {
+            sign: NameTag(
+                labels[sign], sign in rows and rows[sign].verified == key.fingerprint()
+            )
+            for sign, key in keys.items()
+        }
+        self._tables[room.room_id] = _NameTable(self._key(room), tags, rows)
+
+    def _table(self, room: Room) -> _NameTable:
+        table = self._tables.get(room.room_id)
+        if table is None or table.key != self._key(room):
+            self.refresh(room)
+            table = self._tables[room.room_id]
+        return table
+
+    def tag(self, room: Room, sign: bytes, *, as_you: bool = True) -> NameTag:
+        """How ``sign`` is shown in ``room``: "you" for us unless ``as_you`` is false
+        (exports name us as others see us)."""
+        if sign == room.me and as_you:
+            return NameTag("you", False)
+        table = self._table(room)
+        # The store is the truth: a change the cache missed (a rolled-back
+        # transaction) must not leave a stale name under a line. Anonymous rooms
+        # keep no names to go stale, and skip the read.
+        if (
+            sign in table.rows
+            and room.state.rules.mode != "anonymous"
+            and self.get(room, sign) != table.rows[sign]
+        ):
+            self.refresh(room)
+            table = self._tables[room.room_id]
+        return table.tags.get(sign) or NameTag(pseudonym(room.room_id, sign), False)
+
+    def display_name(self, room: Room, sign: bytes, *, as_you: bool = True) -> str:
+        return self.tag(room, sign, as_you=as_you).name
+
+    def tags(self, room: Room) -> dict[bytes, NameTag]:
+        """The room's whole name table, ours under our own name (front ends compare it
+        to notice that names changed)."""
+        return dict(self._table(room).tags)
 
     def members(self, room: Room) -> list[MemberView]:
         anonymous = room.state.rules.mode == "anonymous"
+        self.refresh(room)  # a listing reads every row anyway: read them fresh
+        table = self._tables[room.room_id]
         out = []
         for member in room.state.members.values():
-            info = self.get(room, member.key.sign)
+            sign = member.key.sign
+            me = sign == room.me
+            info = table.rows.get(sign, PeerRecord())
             out.append(
                 MemberView(
                     key=member.key,
                     role=member.role,
-                    name=self.display_name(room, member.key.sign),
+                    name="you" if me else table.tags[sign].name,
                     affiliation=None if anonymous else info.affiliation,
-                    verified=info.verified == member.key.fingerprint(),
-                    me=member.key.sign == room.me,
+                    verified=table.tags[sign].verified,
+                    me=me,
                 )
             )
         return sorted(out, key=lambda m: (not m.me, m.name))
 
     def find(self, room: Room, query: str) -> MemberView:
+        wanted = skeleton(query)
         return unique_match(
             [m for m in self.members(room) if not m.me],
             [
                 lambda m: m.name == query,
+                # What one can type for what is shown: "farida zaman 3f2a" for
+                # "Farida Zaman ·3f2a"; a name without its suffix names several.
+                lambda m: bool(wanted) and skeleton(m.name) == wanted,
+                lambda m: bool(wanted) and skeleton(m.name.rpartition(SEPARATOR)[0]) == wanted,
                 lambda m: len(query) >= 4
                 and m.fingerprint.startswith(query.lower().replace(" ", "")),
             ],
@@ -106,23 +211,3 @@ class Peers:
     def mark_verified(self, room: Room, member: MemberView) -> None:
         record = self.get(room, member.key.sign)
         self._put(room, member.key.sign, replace(record, verified=member.key.fingerprint()))
-
-
-_ADJECTIVES = (
-    "amber", "azure", "brisk", "calm", "cedar", "coral", "dusk", "ember", "fern", "frost", "gold",
-    "hazel", "indigo", "ivory", "jade", "lilac", "maple", "moss", "ochre", "olive", "pearl",
-    "quiet", "rust", "sage", "slate", "stone", "teal", "umber", "violet", "willow",
-)
-_NOUNS = (
-    "badger", "crane", "dove", "egret", "falcon", "finch", "fox", "gull", "hare", "heron", "ibis",
-    "jay", "kestrel", "lark", "lynx", "marten", "otter", "owl", "plover", "raven", "robin", "seal",
-    "stork", "swift", "tern", "thrush", "wren", "yak", "zebu", "wolf",
-)
-
-
-def pseudonym(room_id: bytes, sign: bytes) -> str:
-    """A stable per-room pseudonym for a member key (the same on every client)."""
-    digest = P.hash_bytes(b"bc-pseudonym", room_id + sign, 16)
-    a = _ADJECTIVES[digest[0] % len(_ADJECTIVES)]
-    b = _NOUNS[digest[1] % len(_NOUNS)]
-    return f"{a}-{b}-{int.from_bytes(digest[2:4], 'big') % 100:02d}"

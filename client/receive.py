@@ -27,9 +27,11 @@ from backchannel.protocol.senderkey import SenderKeyDistribution
 
 from .context import Context
 from .errors import Departed
+from .forks import Forks
 from .membership import Membership
 from .peers import Peers
 from .relay import Frame, RelaySocket
+from .repair import Link, Repair
 from .room import Room, Rooms
 from .senderkeys import SenderKeys
 from .sessions import Sessions
@@ -37,8 +39,14 @@ from .transcript import Transcript
 
 #: Longest wait for the relay to deliver what was stored for us (then we go on).
 CATCH_UP_TIMEOUT = 30.0
+#: While messages are being asked for again, how long to wait for them, how often.
+REPAIR_WAIT = 1.0
+MAX_REPAIR_WAITS = 3
 MAX_TITLE = 200
 
+
+#: Refusals a damaged frame can cause (before a signature verified); asked for again.
+_DAMAGE = ("bad_signature", "unknown_sender_key", "malformed", "decryption_failed")
 
 #: What a hostile frame or payload can make parsing raise; refused, never propagated.
 _MALFORMED = (ProtocolError, ValueError, KeyError, TypeError, OverflowError)
@@ -47,6 +55,12 @@ _MALFORMED = (ProtocolError, ValueError, KeyError, TypeError, OverflowError)
 def _b(v: Any) -> bytes:
     if not isinstance(v, bytes):
         raise ValueError("expected bytes")
+    return v
+
+
+def _list(v: Any) -> list[Any]:
+    if not isinstance(v, list):
+        raise ValueError("expected a list")
     return v
 
 
@@ -66,10 +80,13 @@ class Receiver:
         sessions: Sessions,
         peers: Peers,
         transcript: Transcript,
+        forks: Forks,
     ) -> None:
         self.ctx, self.rooms, self.membership = ctx, rooms, membership
         self.senderkeys, self.sessions = senderkeys, sessions
         self.peers, self.transcript = peers, transcript
+        self.forks = forks
+        self.repair = Repair(ctx.store, rooms)
 
     async def pump(
         self, sock: RelaySocket, rooms: list[Room], *, idle: float = 0.5, forever: bool = False
@@ -87,11 +104,19 @@ class Receiver:
         by_id = {r.room_id: r for r in rooms}
         await sock.send("ping")
         caught_up = False
+        waits = 0
         while True:
+            repairing = caught_up and self._repairing(sock, rooms)
             try:
                 timeout = None if forever else (idle if caught_up else max(idle, CATCH_UP_TIMEOUT))
+                if repairing and timeout is not None:
+                    timeout = max(timeout, REPAIR_WAIT)
                 frame = await sock.recv(timeout=timeout)
             except TimeoutError:
+                waits += 1
+                if repairing and waits < MAX_REPAIR_WAITS:
+                    await self._ask_again(sock, by_id)
+                    continue
                 return
             if frame.type == "pong":
                 if not caught_up:
@@ -101,6 +126,9 @@ class Receiver:
                 caught_up = True
                 continue
             await self.handle_frame(sock, by_id, frame)
+
+    def _repairing(self, sock: RelaySocket, rooms: list[Room]) -> bool:
+        return any(self.repair.outstanding(self.repair.link(sock, r)) for r in rooms)
 
     async def handle_frame(self, sock: RelaySocket, rooms: dict[bytes, Room], frame: Frame) -> None:
         """Act on one frame. Nothing a frame contains raises out of here: a frame
@@ -113,6 +141,14 @@ class Receiver:
             room_id = frame.get("room")
             if isinstance(room_id, bytes) and room_id in rooms:
                 self.transcript.warn(rooms[room_id], "a malformed frame from the relay was refused")
+        await self.forks.send_questions(sock, rooms)
+        await self._ask_again(sock, rooms)
+
+    async def _ask_again(self, sock: RelaySocket, rooms: dict[bytes, Room]) -> None:
+        for room in rooms.values():
+            seqs = self.repair.to_ask(self.repair.link(sock, room))
+            if seqs:
+                await sock.send("fetch", room=room.room_id, seqs=seqs)
 
     async def _dispatch(self, sock: RelaySocket, rooms: dict[bytes, Room], frame: Frame) -> None:
         if frame.type == "pmsg":
@@ -120,7 +156,19 @@ class Receiver:
         elif frame.type == "msg":
             room = rooms.get(_b(frame["room"]))
             if room is not None:
-                await self.on_room_message(room, _i(frame["seq"]), _b(frame["data"]))
+                await self._on_msg(sock, room, _i(frame["seq"]), _b(frame["data"]))
+        elif frame.type == "synced":
+            room = rooms.get(_b(frame["room"]))
+            if room is not None:
+                self.repair.synced(self.repair.link(sock, room), _i(frame["seq"]))
+        elif frame.type == "fetched":
+            room = rooms.get(_b(frame["room"]))
+            if room is not None:
+                asked = [_i(s) for s in _list(frame["seqs"])]
+                held = {_i(s) for s in _list(frame["held"])}
+                link = self.repair.link(sock, room)
+                for seq, data in self.repair.answered(room, link, asked, held):
+                    await self.on_room_message(room, seq, data, link, retry=False)
         elif frame.type in ("event", "removed"):
             room = rooms.get(_b(frame["room"]))
             if room is not None:
@@ -162,7 +210,7 @@ class Receiver:
             # processed it commit together, or not at all.
             with self.ctx.store.transaction():
                 plaintext = self.sessions.decrypt(room, member.key, data)
-                kind = self._on_payload(room, member.key.sign, plaintext)
+                kind, value = self._on_payload(room, member.key.sign, plaintext)
                 self.sessions.remember(room, mark)
         except _MALFORMED as exc:
             code = exc.code if isinstance(exc, ProtocolError) else "malformed"
@@ -171,9 +219,14 @@ class Receiver:
         else:
             if kind == "keys":
                 await self.retry_stash(room, sender)  # messages that waited for this key
+            elif kind == "log":
+                # Judged after the transaction: it may ask the relay again.
+                await self.forks.check(room, sender, value)
         await sock.send("ack", ids=[item])
 
-    def _on_payload(self, room: Room, sender: bytes, plaintext: bytes) -> str:
+    def _on_payload(
+        self, room: Room, sender: bytes, plaintext: bytes
+    ) -> tuple[str, dict[str, Any]]:
         value = decode(plaintext)
         if not isinstance(value, dict):
             raise ProtocolError("pairwise payload is not a map")
@@ -189,39 +242,60 @@ class Receiver:
             ):
                 room.title = title[:MAX_TITLE]
                 self.rooms.save(room)
+        elif kind == "log?":
+            member = room.state.members.get(sender)
+            if member is not None:
+                self.forks.answer(room, member.key, value)
         elif kind == "sidebar":
             text = value.get("text")
             if not isinstance(text, str):
                 raise ProtocolError("a sidebar without text")
             self.transcript.add(room, "sidebar", text, sender=sender, to=room.me)
-        return str(kind)
+        return str(kind), value
 
     # --- room messages ---------------------------------------------------------------------
 
-    async def on_room_message(self, room: Room, seq: int, data: bytes) -> None:
+    async def _on_msg(self, sock: RelaySocket, room: Room, seq: int, data: bytes) -> None:
+        link = self.repair.link(sock, room)
+        if self.repair.already_handled(room, seq, data):
+            # A previous connection handled it (the relay resends from the cursor).
+            if seq > room.cursor:
+                self.repair.seen_before(room, link, seq)
+            return
+        self.repair.arrived(link, seq)
+        await self.on_room_message(room, seq, data, link)
+
+    async def on_room_message(
+        self, room: Room, seq: int, data: bytes, link: Link | None = None, *, retry: bool = True
+    ) -> None:
+        """Handle one room message. With ``link`` (a live connection), what a damaged
+        or lost frame could explain is asked for again before it is reported."""
         try:
             envelope = RoomEnvelope.from_bytes(data)
         except ProtocolError as exc:
-            self.transcript.warn(room, f"a malformed room message was refused ({exc.code})")
-            self._advance(room, seq)
+            if not self._retry(link, seq, data, retry):
+                self.transcript.warn(room, f"a malformed room message was refused ({exc.code})")
+                self._finish(room, seq, data, link)
             return
         if envelope.room_id != room.room_id:
-            self.transcript.warn(room, "a message from another room was refused")
-            self._advance(room, seq)
+            if not self._retry(link, seq, data, retry):
+                self.transcript.warn(room, "a message from another room was refused")
+                self._finish(room, seq, data, link)
             return
         mine = room.state.members.get(room.me)
         if envelope.sender == room.me or (mine is not None and envelope.epoch_pos < mine.since):
-            self._advance(room, seq)  # our own, or from before we joined: not ours to read
+            self._finish(room, seq, data, link)  # our own, or from before we joined
             return
         if envelope.epoch_pos >= room.state.length:
             # Only a hint until the signature is checked: fetch what it names.
             await self.membership.sync_log(room)
         if room.status == "compromised":
             return
-        fork = False
         with self.ctx.store.transaction():
             key = self.senderkeys.inbound(room, envelope.sender, envelope.generation)
             who = self.peers.display_name(room, envelope.sender)
+            if key is None and self._retry(link, seq, data, retry):
+                return  # a damaged header names a key nobody has: ask again first
             try:
                 if key is None:
                     # Its key may still be on the way (refused if it cannot be).
@@ -236,7 +310,13 @@ class Receiver:
             except NotInEpoch:
                 pass  # sent before we joined or after we left: not ours to read
             except ForkDetected:
-                fork = True
+                # The sender's claim, not evidence: refuse it and ask for its copy.
+                self.forks.suspect(room, envelope.sender, envelope.epoch_pos)
+                self.transcript.warn(
+                    room,
+                    f"a message from {who} names a room history we are not shown; refused "
+                    f"(asking {who} for its copy)",
+                )
             except DuplicateMessage:
                 self.transcript.warn(room, f"a replayed message from {who} was dropped")
             except StaleSenderKey:
@@ -244,24 +324,31 @@ class Receiver:
             except NotAuthorized as exc:
                 self.transcript.warn(room, f"a message from {who} was refused: {exc}")
             except ProtocolError as exc:
+                if exc.code in _DAMAGE and self._retry(link, seq, data, retry):
+                    return
                 self.transcript.warn(
                     room, f"a message claiming to be from {who} was refused ({exc.code})"
                 )
             else:
-                if key is None or body is None:
-                    self._advance(room, seq)
-                    return
-                self._show(room, envelope.sender, who, body)
-                gaps = key.missing()
-                if gaps:
-                    missing = f"{len(gaps)} message(s) from {who} have not arrived"
-                    self.transcript.warn(room, missing)
-                self.senderkeys.save_inbound(room, key)
-            self._advance(room, seq)
-        if fork:
-            self.membership.compromise(
-                room, "the relay showed members different room logs (fork)"
-            )
+                if key is not None and body is not None:
+                    self._show(room, envelope.sender, who, body)
+                    gaps = key.missing()
+                    if gaps:
+                        missing = f"{len(gaps)} message(s) from {who} have not arrived"
+                        self.transcript.warn(room, missing)
+                    self.senderkeys.save_inbound(room, key)
+            self._finish(room, seq, data, link)
+
+    def _retry(self, link: Link | None, seq: int, data: bytes, retry: bool) -> bool:
+        """True if this failure could be the link's and the message is asked for again."""
+        return retry and link is not None and self.repair.failed(link, seq, data)
+
+    def _finish(self, room: Room, seq: int, data: bytes, link: Link | None) -> None:
+        if link is not None:
+            self.repair.done(room, link, seq, data)
+        elif seq > room.cursor:
+            room.cursor = seq
+            self.rooms.save_cursor(room)
 
     def _show(self, room: Room, sender: bytes, who: str, body: bytes) -> None:
         """Record what an authenticated room message says. Its sender may be hostile:
@@ -301,11 +388,6 @@ class Receiver:
             raise StaleSenderKey("under a key its owner has replaced")
         if check_epoch(room.log, envelope, room.me) == "ahead":
             raise ForkDetected("the message names log events the relay does not show us")
-
-    def _advance(self, room: Room, seq: int) -> None:
-        if seq > room.cursor:
-            room.cursor = seq
-            self.rooms.save_cursor(room)
 
     async def retry_stash(self, room: Room, sender: bytes | None = None) -> None:
         """Open what waited for a sender key (``sender``'s, or every member's)."""

@@ -213,6 +213,8 @@ class CursorRecord(Record):
 
     KIND = "cursor"
     seq: int
+    #: The highest handled beyond a gap still open (rows in ns ``handled``).
+    high: int | None = None
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,9 @@ class OutboxItem(Record):
     room: bytes
     cid: bytes
     data: bytes
+    #: When it was sent, to name it in a warning without its text; absent in rows
+    #: queued by releases before it was recorded.
+    ts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -312,7 +317,13 @@ class SessionsRecord(Record):
 
 @dataclass(frozen=True)
 class LineRecord(Record):
-    """One transcript entry (the store's ``messages`` table, one sealed row each)."""
+    """One transcript entry (the store's ``messages`` table, one sealed row each).
+
+    ``about`` is the member a notice or warning concerns; its ``text`` then holds
+    ``{who}`` where that member's name goes, filled in when the line is shown, so a
+    name that arrives later is shown in lines recorded before it did. Rows without
+    ``about`` (all rows of earlier releases) read back as before: their text is final.
+    """
 
     KIND = "transcript line"
     kind: str
@@ -320,3 +331,4 @@ class LineRecord(Record):
     ts: int
     sender: bytes | None = None
     to: bytes | None = None
+    about: bytes | None = None

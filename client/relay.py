@@ -182,6 +182,22 @@ class RelayHttp:
         )
         return unb64(result["bundle"])
 
+    async def limits(self) -> dict[str, int]:
+        """The relay's size limits (``GET /v1/limits``), asked once per instance.
+
+        Only an answer is kept: after a failure the next call asks again.
+        """
+        cached: dict[str, int] | None = getattr(self, "_limits", None)
+        if cached is None:
+            answer = await self._request("GET", "/v1/limits")
+            names = ("max_message_bytes", "max_frame_bytes", "max_event_bytes", "max_mailbox_depth")
+            if not isinstance(answer, dict) or not all(
+                type(answer.get(n)) is int and answer[n] > 0 for n in names
+            ):
+                raise RelayError("protocol", "the relay's limits are malformed")
+            cached = self._limits = {n: answer[n] for n in names}
+        return cached
+
 
 @dataclass(frozen=True, slots=True)
 class Frame:

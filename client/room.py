@@ -34,6 +34,8 @@ class Room:
     key: MemberKeyPair
     log: L.RoomLog = field(repr=False)
     cursor: int = 0
+    #: Messages up to here may have been handled beyond a gap (client/repair.py).
+    high: int = 0
     status: Status = "active"
     problem: str | None = None
 
@@ -114,7 +116,8 @@ class Rooms:
             self._events.put(room.room_id + pos.to_bytes(4, "big"), row, scope=room.room_id)
 
     def save_cursor(self, room: Room) -> None:
-        self._cursors.put(room.room_id, CursorRecord(seq=room.cursor))
+        high = room.high if room.high > room.cursor else None
+        self._cursors.put(room.room_id, CursorRecord(seq=room.cursor, high=high))
 
     def _load(self, record: RoomRecord) -> Room:
         events = sorted(self._events.scan(record.id), key=lambda e: e.pos)
@@ -134,6 +137,7 @@ class Rooms:
             key=key,
             log=log,
             cursor=0 if cursor is None else cursor.seq,
+            high=0 if cursor is None or cursor.high is None else cursor.high,
             status=cast(Status, record.status),
             problem=record.problem,
         )

@@ -11,6 +11,8 @@ that a redelivery after a lost ack is recognised without rereading the rest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from backchannel.protocol import primitives as P
 from backchannel.protocol.encoding import Value, encode
 from backchannel.protocol.errors import DuplicateMessage, ProtocolError
@@ -66,14 +68,26 @@ class Sessions:
         return [session]
 
     async def send(
-        self, sock: RelaySocket, room: Room, peer: MemberPublicKey, payload: dict[str, Value]
+        self,
+        sock: RelaySocket,
+        room: Room,
+        peer: MemberPublicKey,
+        payload: dict[str, Value],
+        *,
+        check: Callable[[bytes], None] | None = None,
     ) -> None:
-        """Encrypt ``payload`` to ``peer`` and put it in its mailbox (durably, then ack)."""
+        """Encrypt ``payload`` to ``peer`` and put it in its mailbox (durably, then ack).
+
+        ``check`` sees the ciphertext before the session step is stored; if it
+        raises, nothing is stored or sent and the session has not moved on.
+        """
         sessions = await self._sessions_for(room, peer)
         cid = P.random_bytes(16)
         # Sending session: the newest we initiated, else the newest at all.
         sender = next((s for s in reversed(sessions) if s.is_initiator), sessions[-1])
         data = sender.encrypt(encode(payload))
+        if check is not None:
+            check(data)
         with self.ctx.store.transaction():
             self._save(room, peer.sign, sessions)
         await sock.request(

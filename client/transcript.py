@@ -24,6 +24,8 @@ class Line:
     ts: int
     mine: bool = False
     to: bytes | None = None
+    #: The member a notice or warning is about: ``text`` then has ``{who}`` for its name.
+    about: bytes | None = None
 
 
 class Transcript:
@@ -42,20 +44,22 @@ class Transcript:
         *,
         sender: bytes | None = None,
         to: bytes | None = None,
+        about: bytes | None = None,
     ) -> None:
         now = self.ctx.now()
-        record = LineRecord(kind=kind, text=text, ts=now, sender=sender, to=to)
+        record = LineRecord(kind=kind, text=text, ts=now, sender=sender, to=to, about=about)
         expires = now + room.state.rules.retention
         n = self.ctx.store.add_message(room.room_id, record.to_bytes(), expires)
         if self.on_line is not None:
             self.on_line(room, _line(n, record, room.me))
 
-    def notice(self, room: Room, text: str) -> None:
-        self.add(room, "notice", text)
+    def notice(self, room: Room, text: str, *, about: bytes | None = None) -> None:
+        """``about``: the member concerned, named where ``text`` says ``{who}``."""
+        self.add(room, "notice", text, about=about)
 
-    def warn(self, room: Room, text: str) -> None:
+    def warn(self, room: Room, text: str, *, about: bytes | None = None) -> None:
         self.notices.append((room.room_id, text))
-        self.add(room, "warning", text)
+        self.add(room, "warning", text, about=about)
 
     def lines(self, room: Room, after: int = -1) -> list[Line]:
         self.ctx.store.purge_expired(self.ctx.now())
@@ -74,4 +78,5 @@ def _line(n: int, record: LineRecord, me: bytes) -> Line:
         ts=record.ts,
         mine=record.sender is not None and record.sender == me,
         to=record.to,
+        about=record.about,
     )

@@ -20,10 +20,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Input, Label, ListItem, ListView, RichLog, Static
 
-from .core import Client, ClientError, Line, Room
+from .core import Client, ClientError, Line, NameTag, Room
 from .relay import RelayError, RelaySocket
 from .render import inert
-from .views import describe_rules, render_export
+from .views import describe_rules, line_text, mark, render_export
 
 HELP = """commands:
   /who                     list members (verified or not)
@@ -62,6 +62,9 @@ class ChatApp(App[None]):
         self.sock: RelaySocket | None = None
         self.unread: dict[bytes, int] = {}
         self._lock = asyncio.Lock()
+        #: What the log shows, in order, so it can be drawn again when names change.
+        self._entries: list[Line | Text] = []
+        self._tags: dict[bytes, NameTag] | None = None
 
     def _fatal_error(self) -> None:
         # Textual's own crash display prints every frame's local variables:
@@ -147,6 +150,7 @@ class ChatApp(App[None]):
                 await self.client.pump(sock, rooms, idle=0.05)
                 for room in rooms:
                     await self.client.retry_stash(room)
+            self._refresh_members()  # the catch-up may have brought members and profiles
             while True:
                 frame = await sock.recv()
                 async with self._lock:
@@ -167,35 +171,54 @@ class ChatApp(App[None]):
             self._refresh_rooms()
 
     def _show(self, line: Line) -> None:
-        log = self.query_one("#log", RichLog)
+        self._entries.append(line)
+        self.query_one("#log", RichLog).write(self._render(line))
+
+    def _render(self, line: Line) -> Text:
         stamp = datetime.fromtimestamp(line.ts).strftime("%H:%M")
         text = Text(f"{stamp} ", style="dim")
-        body = inert(line.text, multiline=True)
+        # Names are filled in now, so a notice recorded before a profile arrived
+        # names the member once it has (and again after a redraw).
+        body = inert(line_text(self.client, self.room, line), multiline=True)
         if line.kind == "notice":
             text.append(f"* {body}", style="italic")
         elif line.kind == "warning":
             text.append(f"! {body}", style="bold red")
         else:
-            who = (
-                "you"
-                if line.mine
-                else inert(self.client.display_name(self.room, line.sender or b""), limit=40)
-            )
+            # Labels are inert and bounded already; cutting one could drop its suffix.
+            tag = self.client.tag(self.room, line.sender or b"")
             if line.kind == "sidebar":
                 other = line.to if line.mine else line.sender
-                peer = inert(self.client.display_name(self.room, other or b""), limit=40)
+                peer = self.client.display_name(self.room, other or b"")
                 text.append(f"[sidebar with {peer}] ", style="magenta")
-            text.append(f"{who}: ", style="bold")
+            # The mark comes before the name, where a name cannot put a fake one.
+            badge = mark(line, tag)
+            text.append(f"{badge} ", style={"✓": "bold green", "?": "yellow"}.get(badge, "dim"))
+            text.append(f"{tag.name}: ", style="bold")
             text.append(body)
-        log.write(text)
+        return text
+
+    def _redraw(self) -> None:
+        log = self.query_one("#log", RichLog)
+        log.clear()
+        for entry in self._entries:
+            log.write(self._render(entry) if isinstance(entry, Line) else entry)
 
     def _refresh_members(self) -> None:
         view = self.query_one("#members", ListView)
         view.clear()
         for m in self.client.members(self.room):
-            mark = "✓" if m.verified else ("•" if m.me else "?")
+            badge = "✓" if m.verified else ("•" if m.me else "?")
             aff = f" ({inert(m.affiliation, limit=20)})" if m.affiliation else ""
-            view.append(ListItem(Label(Text(f"{mark} {inert(m.name, limit=24)}{aff} [{m.role}]"))))
+            # Not cut to the panel's width: the suffix at the end is what tells
+            # two members apart (the label wraps instead).
+            view.append(ListItem(Label(Text(f"{badge} {m.name}{aff} [{m.role}]"))))
+        # A profile that arrived, a member who joined or a safety number compared
+        # changes how lines already on screen should read: draw them again.
+        tags = self.client.tags(self.room)
+        if self._tags is not None and tags != self._tags:
+            self._redraw()
+        self._tags = tags
 
     def _refresh_rooms(self) -> None:
         view = self.query_one("#rooms", ListView)
@@ -224,7 +247,9 @@ class ChatApp(App[None]):
             self._local(f"! not sent: {exc}")
 
     def _local(self, text: str) -> None:
-        self.query_one("#log", RichLog).write(Text(text, style="yellow"))
+        entry = Text(text, style="yellow")
+        self._entries.append(entry)
+        self.query_one("#log", RichLog).write(entry)
 
     async def _send(self, text: str, to: bytes | None = None) -> None:
         if self.sock is None:

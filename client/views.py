@@ -13,7 +13,7 @@ from typing import Any
 
 from backchannel.protocol import roomlog as L
 
-from .core import Client, Line, MemberView, Room
+from .core import Client, Line, MemberView, NameTag, Room
 from .render import inert, markdown_escape
 
 
@@ -60,14 +60,33 @@ def member_json(m: MemberView) -> dict[str, Any]:
     }
 
 
-def speaker(c: Client, r: Room, line: Line) -> str | None:
+def speaker(c: Client, r: Room, line: Line, *, as_you: bool = True) -> str | None:
     if line.sender is None:
         return None
-    return inert(c.display_name(r, line.sender), limit=40)
+    # Labels come inert and bounded (names.unique_names); cutting one here could
+    # cut off the suffix that tells two members apart.
+    return inert(c.display_name(r, line.sender, as_you=as_you))
+
+
+def line_text(c: Client, r: Room, line: Line) -> str:
+    """What a line says; a notice about a member names it as it is shown now."""
+    if line.about is None:
+        return line.text
+    return line.text.replace("{who}", c.display_name(r, line.about))
+
+
+def mark(line: Line, tag: NameTag) -> str:
+    """Before the speaker's name, where no name can reach: a name such as "Ann ✓" still
+    shows as "? Ann ✓"."""
+    if line.mine:
+        return "•"
+    return "✓" if tag.verified else "?"
 
 
 def format_line(c: Client, r: Room, line: Line, as_json: bool) -> str:
-    who = speaker(c, r, line)
+    # One look-up per line for both the name and the mark.
+    tag = None if line.sender is None else c.tag(r, line.sender)
+    who = None if tag is None else inert(tag.name)
     if as_json:
         return json.dumps(
             {
@@ -75,23 +94,24 @@ def format_line(c: Client, r: Room, line: Line, as_json: bool) -> str:
                 "kind": line.kind,
                 "from": who,
                 "mine": line.mine,
-                "text": line.text,
+                "text": line_text(c, r, line),
                 "ts": line.ts,
                 "sidebar_with": None
                 if line.kind != "sidebar"
-                else inert(
-                    c.display_name(r, line.to if line.mine else line.sender or b""), limit=40
-                ),
+                else inert(c.display_name(r, line.to if line.mine else line.sender or b"")),
+                # Never for our own lines: there is no safety number with oneself.
+                "verified": tag is not None and tag.verified and not line.mine,
             },
             ensure_ascii=False,
         )
-    text = inert(line.text, multiline=False)
+    text = inert(line_text(c, r, line), multiline=False)
     if line.kind == "notice":
         return f"[{when(line.ts)}] * {text}"
     if line.kind == "warning":
         return f"[{when(line.ts)}] ! {text}"
     prefix = "(sidebar) " if line.kind == "sidebar" else ""
-    return f"[{when(line.ts)}] {prefix}{who}: {text}"
+    badge = "?" if tag is None else mark(line, tag)
+    return f"[{when(line.ts)}] {prefix}{badge} {who}: {text}"
 
 
 def render_export(c: Client, r: Room, fmt: str) -> str:
@@ -114,7 +134,7 @@ def render_export(c: Client, r: Room, fmt: str) -> str:
                     {
                         "time": when(line.ts)[:13] + ":00",
                         "text": line.text,
-                        **({"from": speaker(c, r, line)} if attributed else {}),
+                        **({"from": speaker(c, r, line, as_you=False)} if attributed else {}),
                     }
                     for line in lines
                 ],
@@ -124,6 +144,8 @@ def render_export(c: Client, r: Room, fmt: str) -> str:
         )
     out = [f"# {markdown_escape(r.title or 'Untitled dialogue')}", "", f"> {header}", ""]
     for line in lines:
-        who = f"**{markdown_escape(speaker(c, r, line) or '')}**: " if attributed else ""
+        # Named as the others see us: "you" means someone else to every other reader.
+        name = speaker(c, r, line, as_you=False) if attributed else None
+        who = f"**{markdown_escape(name or '')}**: " if attributed else ""
         out.append(f"- {when(line.ts)[:13]}:00 — {who}{markdown_escape(line.text)}")
     return "\n".join(out) + "\n"

@@ -56,6 +56,14 @@ class Sub:
 
 
 @dataclass(frozen=True, slots=True)
+class Fetch:
+    """Ask again for room messages by sequence number (gap repair)."""
+
+    room: bytes
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Unsub:
     room: bytes
 
@@ -87,9 +95,11 @@ class Ping:
     pass
 
 
-ClientFrame = Auth | Sub | Unsub | Send | PSend | Ack | Ping
+ClientFrame = Auth | Sub | Unsub | Send | PSend | Ack | Ping | Fetch
 
-CLIENT_TYPES: Final = ("auth", "sub", "unsub", "send", "psend", "ack", "ping")
+CLIENT_TYPES: Final = ("auth", "sub", "unsub", "send", "psend", "ack", "ping", "fetch")
+#: Sequence numbers one ``fetch`` may name.
+MAX_FETCH: Final = 64
 
 
 def parse_client_frame(data: bytes, *, max_size: int) -> ClientFrame:
@@ -133,6 +143,14 @@ def _parse(kind: str, r: Reader) -> ClientFrame:
         return Sub(r.blob("room", KEY_SIZE), r.integer("after", 0, MAX_POSITION))
     if kind == "unsub":
         return Unsub(r.blob("room", KEY_SIZE))
+    if kind == "fetch":
+        room = r.blob("room", KEY_SIZE)
+        seqs = r.array("seqs", MAX_FETCH)
+        if not seqs or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_POSITION for s in seqs
+        ):
+            raise perr.DecodeError("fetch: seqs must be 1 to 64 positions")
+        return Fetch(room, tuple(sorted(set(seqs))))  # type: ignore[arg-type]
     if kind == "send":
         return Send(
             r.blob("room", KEY_SIZE),

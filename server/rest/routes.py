@@ -117,6 +117,15 @@ class Bundle(BaseModel):
     bundle: str
 
 
+class Limits(BaseModel):
+    """What a client needs to know to send only what this relay accepts."""
+
+    max_message_bytes: int = Field(description="largest `data` of a `send` or `psend`")
+    max_frame_bytes: int = Field(description="largest WebSocket frame")
+    max_event_bytes: int = Field(description="largest room log event")
+    max_mailbox_depth: int = Field(description="most unacknowledged pairwise items per key")
+
+
 class ErrorBody(BaseModel):
     code: str
     detail: str
@@ -131,6 +140,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 router = APIRouter(prefix="/v1", responses=ERRORS)
+
+
+@router.get("/limits", response_model=Limits)
+async def limits(settings: SettingsDep) -> Any:
+    """The relay's size limits, so a client can refuse what would be refused before
+    sealing it. Public: they are no secret, and asking needs no key."""
+    return {
+        "max_message_bytes": settings.max_message_bytes,
+        "max_frame_bytes": settings.max_frame_bytes,
+        "max_event_bytes": log_limits(settings).max_event_size,
+        "max_mailbox_depth": settings.max_mailbox_depth,
+    }
 
 
 @router.post("/rooms", status_code=201, response_model=RoomCreated)

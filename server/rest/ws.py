@@ -309,6 +309,8 @@ class Connection:
             sub = self.subs.pop(frame.room, None)
             if sub is not None:
                 self.hub.unsubscribe(sub)
+        elif isinstance(frame, F.Fetch):
+            await self._refetch(frame)
         elif isinstance(frame, F.Send | F.PSend):
             await self._send(frame)
         elif isinstance(frame, F.Ack):
@@ -346,6 +348,33 @@ class Connection:
             return
         sub.key = key
         await self.put(CatchUp(sub))
+
+    async def _refetch(self, frame: F.Fetch) -> None:
+        """Send again the room messages a client lost on the way (a damaged or dropped
+        frame): only for a room it is subscribed to as a member, within the rate
+        limit, and never beyond what the subscription has been sent."""
+        sub = self.subs.get(frame.room)
+        if sub is None or not sub.active or sub.key is None:
+            await self.error("not_subscribed", "subscribe to the room first", "fetch")
+            return
+        if not self.bucket.take():
+            await self.error("rate_limited", "slow down", "fetch")
+            return
+        wanted = [seq for seq in frame.seqs if seq < sub.next_seq]
+        try:
+            found = await self.store.room_messages_at(frame.room, wanted) if wanted else []
+        except RelayError as exc:
+            await self.error(exc.code, exc.detail, "fetch")
+            return
+        for msg in found:
+            await self.send(
+                F.server_frame("msg", room=frame.room, seq=msg.seq, data=msg.data, ts=msg.ts)
+            )
+        await self.send(
+            F.server_frame(
+                "fetched", room=frame.room, seqs=list(frame.seqs), held=[m.seq for m in found]
+            )
+        )
 
     async def _send(self, frame: F.Send | F.PSend) -> None:
         if frame.sender not in self.keys:

@@ -87,3 +87,13 @@ class MessageStore(BaseStore):
                 query = query.where(RoomMessage.seq <= upto)
             rows = await session.execute(query.order_by(RoomMessage.seq).limit(limit))
             return [StoredMessage(r.seq, r.data, r.created_at) for r in rows]
+
+    async def room_messages_at(self, room_id: bytes, seqs: list[int]) -> list[StoredMessage]:
+        """The stored messages among ``seqs`` (gap repair); lapsed ones are simply absent."""
+        async with self.reading() as session:
+            rows = await session.execute(
+                select(RoomMessage.seq, RoomMessage.data, RoomMessage.created_at)
+                .where(RoomMessage.room_id == room_id, RoomMessage.seq.in_(seqs))
+                .order_by(RoomMessage.seq)
+            )
+            return [StoredMessage(r.seq, r.data, r.created_at) for r in rows]

@@ -15,8 +15,12 @@ the user, and never encrypted to or displayed as genuine.
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -168,15 +172,20 @@ class MaliciousRelay(RelayServer):
         self.server = uvicorn.Server(uvicorn_config(MaliciousApp(self.app, tamper), self.settings))
 
 
-def smuggle(tamper: Tamper, reader: Any, data: bytes) -> None:
-    """Play a relay that does not check senders: hand ``data`` to ``reader`` as a room
-    message, just before the next real one."""
-    sent: list[bool] = []
-
-    def hook(conn: Any, f: dict[str, Any]) -> list[dict[str, Any]]:
-        if f.get("t") == "msg" and reader.me in conn.keys and not sent:
-            sent.append(True)
-            return [{**f, "data": data}, f]
-        return [f]
-
-    tamper.server_frame = hook
+def store_unchecked(db: Path, room_id: bytes, sender: bytes, data: bytes) -> int:
+    """Play a relay that stores what it should refuse (another sender's envelope, a
+    departed member's): the message goes straight into its database, at the next
+    sequence number, and is served like any other. Returns that number."""
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            (last,) = conn.execute("SELECT last_seq FROM rooms WHERE id = ?", (room_id,)).fetchone()
+            conn.execute(
+                "INSERT INTO room_messages (room_id, seq, sender, client_id, data, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (room_id, last + 1, sender, os.urandom(16), data, int(time.time())),
+            )
+            conn.execute("UPDATE rooms SET last_seq = ? WHERE id = ?", (last + 1, room_id))
+    finally:
+        conn.close()
+    return int(last) + 1

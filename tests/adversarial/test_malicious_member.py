@@ -9,6 +9,8 @@ warning that names the sender.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +19,7 @@ from backchannel.client.relay import RelayError
 from backchannel.protocol import primitives as P
 from backchannel.protocol import roomlog as L
 from backchannel.protocol.encoding import encode
-from tests.adversarial.malicious import Tamper, smuggle
+from tests.adversarial.malicious import store_unchecked
 from tests.adversarial.spoiler import new_spoiler, seat
 from tests.client.helpers import People, heard, online, room_with, say
 
@@ -61,7 +63,7 @@ async def test_unreadable_plaintext_does_not_silence_the_room(people: People) ->
 
 
 async def test_a_removed_member_cannot_post_by_naming_an_earlier_epoch(
-    people: People, tamper: Tamper
+    people: People, tmp_path: Path
 ) -> None:
     """Attack 3: a removed member's message naming an epoch from before its removal,
     posted by an accomplice (the relay refuses that) or put in by a relay that
@@ -84,10 +86,10 @@ async def test_a_removed_member_cannot_post_by_naming_an_earlier_epoch(
                 "send", room=room.room_id, **{"from": mal_room.me}, cid=bytes(16), data=kept
             )
     assert refused.value.code == "sender_mismatch"
-    # ... and a relay that took it anyway gets it refused by every reader.
+    # ... and a relay that stored it anyway gets it refused by every reader.
+    store_unchecked(tmp_path / "relay.db", room.room_id, sam_room.me, kept)
     await say(fac, room, "after the removal")
     for client, r in ((ann, ann_room), (fac, room)):
-        smuggle(tamper, r, kept)
         await online(client, r)
         assert "words kept for later" not in heard(client, r)
         assert heard(client, r)[-1] == "after the removal"
@@ -95,7 +97,7 @@ async def test_a_removed_member_cannot_post_by_naming_an_earlier_epoch(
 
 
 async def test_a_demoted_member_cannot_post_under_its_old_key(
-    people: People, tamper: Tamper
+    people: People, tmp_path: Path
 ) -> None:
     """Attack 3: a participant made an observer keeps its sender key; nothing it
     seals is accepted afterwards, whatever epoch it names."""
@@ -110,8 +112,8 @@ async def test_a_demoted_member_cannot_post_under_its_old_key(
     async with sam.connect([sam_room]) as sock:
         with pytest.raises(RelayError, match="observers"):
             await sam.post(sock, sam_room, encode({"t": "text", "text": "naming the new one"}))  # type: ignore[attr-defined]
+    store_unchecked(tmp_path / "relay.db", room.room_id, sam_room.me, old_epoch)
     await say(fac, room, "after the demotion")
-    smuggle(tamper, ann_room, old_epoch)
     await online(ann, ann_room)
     assert heard(ann, ann_room) == ["after the demotion"]
     refused = [w for w in warnings(ann, ann_room) if w.startswith("a message from sam")]
@@ -181,3 +183,57 @@ async def test_a_generation_that_goes_backwards_is_refused(people: People) -> No
     assert any("pairwise message from sam was refused (stale_sender_key)" in w
                for w in warnings(ann, ann_room))
     assert sams_keys(ann, ann_room, sam_room.me) == [3]
+
+
+def text(words: str) -> bytes:
+    return encode({"t": "text", "text": words})
+
+
+async def test_a_member_cannot_lock_the_room_by_naming_a_false_epoch(people: People) -> None:
+    """Attack 2: the epoch in an envelope is the sender's claim. A random head at a real
+    position, or a position beyond the log, is refused with a warning naming the
+    sender; its sender is asked for its copy; an answer that does not prove a fork
+    (its honest log, or forged events) locks nothing."""
+    fac, room, ann, ann_room, sam_room, sam = await spoiler_room(people)
+    pos = sam_room.state.pos
+    async with sam.connect([sam_room]) as sock:
+        await sam.post(sock, sam_room, text("a random head"), epoch=(pos, P.random_bytes(32)))  # type: ignore[attr-defined]
+        await sam.post(sock, sam_room, text("far ahead"), epoch=(pos + 50, P.random_bytes(32)))  # type: ignore[attr-defined]
+    await say(fac, room, "still talking")
+    await online(ann, ann_room)
+    claims = [w for w in warnings(ann, ann_room) if "names a room history" in w]
+    assert len(claims) == 2
+    assert all(w.startswith("a message from sam") for w in claims)
+    # Sam's client answers with its real log, which matches Ann's: nothing to prove.
+    await online(sam, sam_room)
+    await online(ann, ann_room)
+    assert ann_room.status == "active"
+    # Now Sam answers with a forged alternative event at a real position.
+    forged, _ = L.make_invite(
+        sam_room.key, sam_room.log.state_at(pos - 1), "facilitator", fac.now() + 60, 9,
+        fac.now(), check=False,
+    )
+
+    def forged_answer(room: Room, asker: Any, value: Any) -> None:
+        sam.forks._answers.append((room, asker.sign, {"t": "log", "events": [forged]}))
+
+    sam.forks.answer = forged_answer  # type: ignore[method-assign]
+    async with sam.connect([sam_room]) as sock:
+        await sam.post(sock, sam_room, text("again"), epoch=(pos, P.random_bytes(32)))  # type: ignore[attr-defined]
+    await online(ann, ann_room)  # refused, asks again
+    await online(sam, sam_room)  # the forged answer
+    await online(ann, ann_room)
+    assert ann_room.status == "active"
+    assert any("sam's copy of the room's history does not check out" in w
+               for w in warnings(ann, ann_room))
+    # An answer nobody asked for is not even checked.
+    async with sam.connect([sam_room]) as sock:
+        unasked = {"t": "log", "events": [forged]}
+        await sam.sessions.send(sock, sam_room, ann_room.key.public, unasked)
+    before = len(warnings(ann, ann_room))
+    await online(ann, ann_room)
+    assert ann_room.status == "active"
+    assert len(warnings(ann, ann_room)) == before
+    await say(fac, room, "and on")
+    await online(ann, ann_room)
+    assert heard(ann, ann_room) == ["still talking", "and on"]

@@ -37,7 +37,7 @@ async def test_pending_is_per_room_and_overall(people: People) -> None:
     assert [i.cid for i in fac.outbox.pending(other)] == [cids[2]]
     assert {i.cid for i in fac.outbox.pending()} == set(cids)
     # Queued means stored: a restarted client still has them.
-    assert len(Outbox(fac.store).pending()) == 3
+    assert len(Outbox(fac.ctx, fac.transcript).pending()) == 3
 
 
 async def test_flush_sends_in_sealing_order_and_empties_the_outbox(

@@ -27,7 +27,7 @@ FAST = {"opslimit": P.ARGON2_OPSLIMIT_MIN, "memlimit": P.ARGON2_MEMLIMIT_MIN}
 NOW = 1_800_000_000
 
 # docs/client.md, "--json formats (stable)"
-READ_KEYS = {"n", "kind", "from", "mine", "text", "ts", "sidebar_with"}
+READ_KEYS = {"n", "kind", "from", "mine", "text", "ts", "sidebar_with", "verified"}
 ROOM_KEYS = {
     "name", "title", "id", "rules", "retention_seconds", "status", "problem", "members", "role",
 }
@@ -95,13 +95,14 @@ def test_format_line_json_and_text(tmp_path: Path) -> None:
         (3, "notice", None, False, None),
         (4, "warning", None, False, None),
     ]
+    assert not any(s["verified"] for s in shown)  # no safety number compared yet
     assert shown[0]["text"] == "hello\nthere"  # exactly what was sent
     assert shown[0]["ts"] == lines[0].ts
     stamp = f"[{when(lines[0].ts)}]"
     assert [format_line(c, room, line, False) for line in lines] == [
-        f"{stamp} {ann_name}: hello<U+000A>there",  # one line per entry
-        f"{stamp} (sidebar) you: psst",
-        f"{stamp} (sidebar) {ann_name}: psst back",
+        f"{stamp} ? {ann_name}: hello<U+000A>there",  # one line per entry; "?": not verified
+        f"{stamp} (sidebar) • you: psst",
+        f"{stamp} (sidebar) ? {ann_name}: psst back",
         f"{stamp} * Ann joined",
         f"{stamp} ! a replayed message from Ann was dropped",
     ]
@@ -144,12 +145,14 @@ def test_attributed_exports_keep_names(tmp_path: Path) -> None:
     c.transcript.add(room, "message", "noted", sender=room.me)
     md = render_export(c, room, "md")
     assert "**Ann Aldridge**: on the record" in md
-    assert "**you**: noted" in md
+    # Our own lines carry our profile's name: "you" would mean someone else to a reader.
+    assert "**fac**: noted" in md
+    assert "**you**" not in md
     export = json.loads(render_export(c, room, "json"))
     assert export["rules"] == "attributed"
     assert [(m["from"], m["text"]) for m in export["messages"]] == [
         ("Ann Aldridge", "on the record"),
-        ("you", "noted"),
+        ("fac", "noted"),
     ]
 
 

@@ -28,6 +28,7 @@ async def test_openapi_documents_routes(http: httpx.AsyncClient) -> None:
         "/v1/rooms/{room_id}/preview",
         "/v1/prekeys",
         "/v1/prekeys/{member}/claim",
+        "/v1/limits",
     ):
         assert path in paths
 
