@@ -34,11 +34,11 @@ class Spoiler(Client):
         await self.outbox.send(sock, room, P.random_bytes(16), envelope)
 
 
-def new_spoiler(people: People, name: str) -> Spoiler:
+def new_spoiler(people: People, name: str, *, calls_itself: str | None = None) -> Spoiler:
     from backchannel.client.store import Store
 
     store = Store.create(people.tmp_path / name, "pw", **FAST)
-    Client.init_profile(store, people.relay.url, name)
+    Client.init_profile(store, people.relay.url, calls_itself or name)
     spoiler = Spoiler(store, clock=people.clock)
     people.clients.append(spoiler)
     return spoiler

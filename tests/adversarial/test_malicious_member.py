@@ -237,3 +237,63 @@ async def test_a_member_cannot_lock_the_room_by_naming_a_false_epoch(people: Peo
     await say(fac, room, "and on")
     await online(ann, ann_room)
     assert heard(ann, ann_room) == ["still talking", "and on"]
+
+
+async def test_a_member_cannot_pass_for_the_facilitator_or_the_reader(people: People) -> None:
+    """Attack 4: display names are self-asserted. Two spoilers call themselves "fac"
+    (the facilitator's name) and "you"; every line, the member list and the
+    attributed export still tell them apart, and none is shown as the reader."""
+    fac, room, joined = await room_with(people, "ann", rules=L.Rules(mode="attributed"))
+    ann, ann_room = joined["ann"]
+    fake_fac = new_spoiler(people, "imp1", calls_itself="fac")
+    fake_you = new_spoiler(people, "imp2", calls_itself="You")
+    seats = [(fake_fac, await seat(people, fac, room, fake_fac))]
+    seats.append((fake_you, await seat(people, fac, room, fake_you)))
+    for client, r in (*seats, (fac, room), (ann, ann_room), *seats):
+        await online(client, r)
+    await say(fac, room, "the real facilitator")
+    for client, r in seats:
+        await say(client, r, "an impostor")
+    await online(ann, ann_room)
+    by_text: dict[str, list[str]] = {}
+    for line in ann.lines(ann_room):
+        if line.kind == "message" and line.sender is not None:
+            by_text.setdefault(line.text, []).append(ann.display_name(ann_room, line.sender))
+    real = by_text["the real facilitator"][0]
+    impostors = by_text["an impostor"]
+    assert len({real, *impostors}) == 3  # three different labels
+    assert real != "fac"  # a collision suffixes both
+    assert "you" not in impostors
+    assert all(label.lower() != "you" for label in impostors)
+    from backchannel.client.views import render_export
+
+    exported = render_export(ann, ann_room, "md")
+    for label in (real, *impostors):
+        assert label in exported
+
+
+async def test_a_joiner_cannot_take_a_half_of_another_members_key(people: People) -> None:
+    """Attack 7: a join whose X25519 half is another member's signing key (which it
+    cannot own) is refused by the relay's validator and by every client's."""
+    from dataclasses import replace
+
+    from backchannel.client.relay import RelayError as HttpRefused
+    from backchannel.protocol.keys import MemberKeyPair, MemberPublicKey
+
+    fac, room, ann, ann_room, _sam_room, _sam = await spoiler_room(people)
+    code = await fac.invite(room, "participant", 3600, 1)
+    _, log, _invite = await ann.preview(code)
+    from backchannel.protocol.invite import InviteCode
+
+    seed = InviteCode.from_text(code).invite_seed
+    mine = MemberKeyPair.generate()
+    posing = replace(mine, public=MemberPublicKey(sign=mine.public.sign, dh=ann_room.me))
+    join = L.make_join(posing, seed, log.state, fac.now(), check=False)
+    with pytest.raises(HttpRefused, match=r"membership|reus|half"):
+        await ann.http(room.relay).append(room.room_id, join)
+    with pytest.raises(L.MembershipError):
+        log.append(join)
+    await say(fac, room, "nothing changed")
+    await online(ann, ann_room)
+    assert ann_room.status == "active"
+    assert heard(ann, ann_room)[-1] == "nothing changed"
