@@ -22,7 +22,6 @@ Recovery from a lock is out of band (docs/sections/rooms.md, "Recovering a locke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from backchannel.protocol import roomlog as L
@@ -33,7 +32,7 @@ from backchannel.protocol.keys import MemberPublicKey
 from .context import Context
 from .membership import Membership
 from .peers import Peers
-from .records import Record, Table
+from .records import AskRecord, Table
 from .relay import RelayError, RelaySocket
 from .room import Room, Rooms
 from .sessions import Sessions
@@ -43,17 +42,6 @@ from .transcript import Transcript
 MAX_PROOF_EVENTS = 64
 #: An unanswered question is asked again after this long.
 ASK_AGAIN_AFTER = 3600
-
-
-@dataclass(frozen=True)
-class AskRecord(Record):
-    """A question we put to a member about its log (ns ``ask``, key room + member)."""
-
-    KIND = "log question"
-    start: int
-    end: int
-    at: int
-    sent: bool
 
 
 class Forks:
@@ -71,6 +59,9 @@ class Forks:
         self._asks: Table[AskRecord] = Table(ctx.store, "ask", AskRecord)
         self._answers: list[tuple[Room, bytes, dict[str, Value]]] = []
         self._unsent: set[tuple[bytes, bytes]] = set()
+        #: When we last answered each member: a question costs us an answer of up
+        #: to 64 events, so a member gets at most one an hour.
+        self._answered: dict[tuple[bytes, bytes], int] = {}
 
     # --- the asking side --------------------------------------------------------------------
 
@@ -126,6 +117,10 @@ class Forks:
         start, end = value.get("from"), value.get("to")
         if not isinstance(start, int) or not isinstance(end, int) or isinstance(start, bool):
             raise ProtocolError("a malformed question about the log")
+        now, who = self.ctx.now(), (room.room_id, asker.sign)
+        if now - self._answered.get(who, now - ASK_AGAIN_AFTER) < ASK_AGAIN_AFTER:
+            return
+        self._answered[who] = now
         start = max(1, start)
         end = min(end, len(room.log) - 1, start + MAX_PROOF_EVENTS - 1)
         events: list[Value] = [room.log.event(pos) for pos in range(start, end + 1)]

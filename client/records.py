@@ -332,3 +332,21 @@ class LineRecord(Record):
     sender: bytes | None = None
     to: bytes | None = None
     about: bytes | None = None
+
+
+@dataclass(frozen=True)
+class AskRecord(Record):
+    """A question we put to a member about its log (ns ``ask``, key room + member)."""
+
+    KIND = "log question"
+    start: int
+    end: int
+    at: int
+    sent: bool
+
+
+@dataclass(frozen=True)
+class HandledRecord(Record):
+    """A room message handled beyond the cursor (ns ``handled``, in a :class:`Ring`)."""
+
+    KIND = "handled mark"

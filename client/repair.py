@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from backchannel.protocol import primitives as P
 
-from .records import Record, Ring
+from .records import HandledRecord, Ring
 from .relay import RelaySocket
 from .room import Room, Rooms
 from .store import Store
@@ -31,13 +31,6 @@ MAX_FETCH = 64
 MAX_GAP = 1024
 #: Messages handled beyond a gap that are remembered per room.
 MAX_MARKS = 1000
-
-
-@dataclass(frozen=True)
-class HandledRecord(Record):
-    """A room message handled beyond the cursor (ns ``handled``, in a :class:`Ring`)."""
-
-    KIND = "handled mark"
 
 
 @dataclass
@@ -63,14 +56,17 @@ class Repair:
     def __init__(self, store: Store, rooms: Rooms) -> None:
         self.store, self.rooms = store, rooms
         self._marks: Ring[HandledRecord] = Ring(store, "handled", HandledRecord, MAX_MARKS)
-        self._links: dict[tuple[int, bytes], Link] = {}
+        self._links: dict[bytes, Link] = {}
+        self._sock: RelaySocket | None = None
 
     def link(self, sock: RelaySocket, room: Room) -> Link:
-        key = (id(sock), room.room_id)
-        if key not in self._links:
-            self._links = {k: v for k, v in self._links.items() if k[0] == id(sock)}
-            self._links[key] = Link(high=room.cursor)
-        return self._links[key]
+        """This connection's state for ``room`` (a new connection starts afresh)."""
+        if sock is not self._sock:
+            # Held, not compared by id(): a new socket may reuse a closed one's id.
+            self._sock, self._links = sock, {}
+        if room.room_id not in self._links:
+            self._links[room.room_id] = Link(high=room.cursor)
+        return self._links[room.room_id]
 
     @staticmethod
     def _mark(room: Room, seq: int, data: bytes) -> bytes:
