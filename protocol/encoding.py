@@ -10,6 +10,13 @@ Decoding is strict. An input is accepted only if re-encoding the decoded value
 gives back exactly the same bytes; that one comparison rejects trailing bytes,
 non-shortest integer forms, unsorted or duplicate map keys, indefinite-length
 items and every other non-canonical spelling. Size is bounded before parsing.
+
+Every input is hostile, so before the parser builds anything, :func:`_scan`
+walks the item headers once, in time linear in the input: tags (CBOR's value
+sharing, tags 28/29, let a few hundred bytes expand into gigabytes inside the
+parser), floats and other simple values, indefinite lengths, nesting deeper
+than :data:`MAX_DEPTH` and lengths beyond the input are refused there. What is
+left can only decode to a value no larger than its bytes.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ def decode(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Value:
         raise FieldTooLong(f"input of {len(data)} bytes exceeds {max_size}")
     if not data:
         raise DecodeError("empty input")
+    _scan(data)
     try:
         value = cbor2.loads(data, max_depth=MAX_DEPTH, allow_indefinite=False)
     except Exception as exc:  # cbor2 raises several unrelated types on garbage
@@ -56,6 +64,58 @@ def decode(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Value:
     if again != data:
         raise DecodeError("not the canonical encoding (or trailing bytes)")
     return cast(Value, value)
+
+
+#: CBOR simple values in the model: false, true, null.
+_SIMPLE_OK: Final = (20, 21, 22)
+
+
+def _scan(data: bytes) -> None:
+    """Walk every item header once and refuse what is outside the data model.
+
+    One pass, at least one input byte per step, no allocation beyond a stack
+    of at most ``MAX_DEPTH`` counters: the cost is linear in ``len(data)``
+    whatever the input, and no tag ever reaches the parser.
+    """
+    n, pos = len(data), 0
+    pending = [1]  # items still to read at each open nesting level
+    while pending:
+        if pending[-1] == 0:
+            pending.pop()
+            continue
+        pending[-1] -= 1
+        if pos >= n:
+            raise DecodeError("truncated CBOR")
+        head = data[pos]
+        pos += 1
+        major, info = head >> 5, head & 0x1F
+        if info < 24:
+            arg = info
+        elif info < 28:
+            width = 1 << (info - 24)
+            if pos + width > n:
+                raise DecodeError("truncated CBOR")
+            arg = int.from_bytes(data[pos : pos + width], "big")
+            pos += width
+        else:
+            raise DecodeError("indefinite or reserved CBOR length")
+        if major in (2, 3):
+            if arg > n - pos:
+                raise DecodeError("truncated CBOR")
+            pos += arg
+        elif major in (4, 5):
+            count = arg * (2 if major == 5 else 1)
+            if count > n - pos:
+                raise DecodeError("truncated CBOR")  # every item takes at least a byte
+            if len(pending) > MAX_DEPTH:
+                raise DecodeError("nested too deeply")
+            pending.append(count)
+        elif major == 6:
+            raise DecodeError("CBOR tags are outside the canonical data model")
+        elif major == 7 and (info not in _SIMPLE_OK):
+            raise DecodeError("floats and simple values are outside the canonical data model")
+    if pos != n:
+        raise DecodeError("not the canonical encoding (or trailing bytes)")
 
 
 def _check_model(value: object, depth: int) -> None:

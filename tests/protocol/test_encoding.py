@@ -127,3 +127,68 @@ def test_reader_checks_types_sizes_versions_and_unknown_fields() -> None:
         Reader.of({}, "thing").integer("missing")
     with pytest.raises(DecodeError):
         Reader.of([1], "thing")
+
+
+def _sharing_bomb(levels: int, width: int = 8) -> bytes:
+    """CBOR value sharing (tags 28/29): each level is a shared array holding the level
+    below and ``width - 1`` references to it, so a parser that follows the
+    references walks ``width ** levels`` items: cost x8 per 24 bytes (the relay's
+    event loop froze for 5-64 s on 213-243 such bytes)."""
+
+    def ref(index: int) -> bytes:
+        return b"\xd8\x1d" + (bytes([index]) if index < 24 else bytes([0x18, index]))
+
+    out = b"\xd8\x1c\x81\x00"
+    for k in range(1, levels):
+        # Shared values are numbered in the order their tags appear: outermost first.
+        out = b"\xd8\x1c" + bytes([0x80 + width]) + out + ref(levels - k) * (width - 1)
+    return out
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _sharing_bomb(7),
+        b"\xc1\x1a\x00\x00\x00\x01",  # a timestamp tag
+        b"\xd9\xd9\xf7\x01",  # the self-describe tag
+        b"\xfb" + bytes(8),  # a double
+        b"\xf7",  # undefined
+        b"\x9b" + b"\xff" * 8,  # an array claiming 2**64 - 1 items in 9 bytes
+        b"\x5b" + b"\xff" * 8,  # a byte string claiming 2**64 - 1 bytes
+    ],
+    ids=["sharing", "tag-1", "self-describe", "float", "undefined", "huge-array", "huge-bstr"],
+)
+def test_outside_the_model_is_refused_before_parsing(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode(data)
+
+
+def test_worst_input_costs_a_small_constant_times_a_plain_one() -> None:
+    """Decoding costs work linear in the input: per byte, the worst inputs (one item
+    per byte, deep nesting, value-sharing tags) cost at most a small constant times a
+    plain structured payload (a map of short entries, as frames and records are),
+    and twice the input costs about twice the work. Both measured here, together."""
+    import time
+
+    def cost(data: bytes) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(10):
+                with contextlib.suppress(DecodeError):
+                    decode(data)
+            best = min(best, time.perf_counter() - start)
+        return best / len(data)
+
+    size = 20_000
+    plain = encode({f"k{i:05d}": i for i in range(size // 10)})
+    worst = {
+        "one item per byte": encode([0] * size),
+        "deep": encode([[[[[[[[[[[[[[[[0] * size]]]]]]]]]]]]]]]),
+        "value sharing": _sharing_bomb(7),  # 148 bytes; 0.26 s each if followed
+    }
+    baseline = cost(plain)
+    for name, data in worst.items():
+        assert cost(data) < 10 * baseline, name
+    small, large = encode([0] * size), encode([0] * (4 * size))
+    assert cost(large) < 3 * cost(small)  # per byte: linear, not quadratic
