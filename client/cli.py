@@ -98,9 +98,10 @@ def main_options(
 
 
 def err(message: str, hint: str | None = None, code: Exit = Exit.ERROR) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+    # Inert: a relay's error detail (or a name in a message) may carry escape sequences.
+    typer.echo(f"error: {inert(message)}", err=True)
     if hint:
-        typer.echo(f"hint: {hint}", err=True)
+        typer.echo(f"hint: {inert(hint)}", err=True)
     raise typer.Exit(int(code))
 
 

@@ -10,8 +10,12 @@ titles) is untrusted. Before it is shown it passes through :func:`inert`:
 * Unicode bidirectional controls (LRE, RLE, PDF, LRO, RLO, LRI, RLI, FSI, PDI,
   LRM, RLM, ALM), which can make text read differently from its bytes (the
   "Trojan Source" trick), become visible marks as well;
-* other invisible format characters (zero-width spaces and joiners, the BOM)
-  are marked so two names that look alike can be told apart.
+* every other format character (Unicode category Cf: zero-width spaces and
+  joiners, the BOM, invisible operators U+2061-2064, deprecated format controls
+  U+206A-206F, tag characters U+E0000-E007F, interlinear annotation U+FFF9-FFFB),
+  the line and paragraph separators U+2028/U+2029, and letters that render as
+  nothing (the Hangul fillers, the blank Braille pattern) are marked, so text
+  cannot hide, break lines where the caller forbade it, or make two names look alike.
 
 Markup is not interpreted anywhere: the chat screen renders with Rich/Textual
 ``Text`` objects built from plain strings (never ``markup=True``), and the
@@ -23,8 +27,8 @@ from __future__ import annotations
 import unicodedata
 
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
-_INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e")
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Co", "Cn"})
+_INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e\u115f\u1160\u3164\uffa0\u2800")
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 _MD_SPECIAL = frozenset("\\`*_{}[]()<>#+-.!|~")
 
 

@@ -242,9 +242,9 @@ class ChatApp(App[None]):
             else:
                 await self._send(text)
         except ClientError as exc:
-            self._local(f"! {exc}" + (f" — {exc.hint}" if exc.hint else ""))
+            self._local(inert(f"! {exc}" + (f" — {exc.hint}" if exc.hint else "")))
         except RelayError as exc:
-            self._local(f"! not sent: {exc}")
+            self._local(inert(f"! not sent: {exc}"))
 
     def _local(self, text: str) -> None:
         entry = Text(text, style="yellow")

@@ -259,7 +259,13 @@ class Connection:
             raise _Closing(CLOSE_POLICY) from None
 
     async def _auth(self, frame: F.Auth) -> bool:
-        new = {k.key for k in frame.keys} - self.keys
+        named = {k.key for k in frame.keys}
+        if len(named) != len(frame.keys):
+            # Refused before any signature is checked: one signature repeated a
+            # thousand times would cost a thousand verifications on the event loop.
+            await self.error("duplicate_keys", "a key appears twice in this frame", "auth")
+            return False
+        new = named - self.keys
         if len(self.keys) + len(new) > self.settings.max_keys_per_connection:
             await self.error(
                 "too_many_keys",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -47,7 +48,12 @@ def make_engine(url: str) -> AsyncEngine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            # Private from other local users: the log shows who talks to whom.
+            # SQLite gives its -wal and -shm files the database file's mode.
+            database = Path(parsed.database)
+            database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not database.exists():
+                os.close(os.open(database, os.O_CREAT | os.O_WRONLY, 0o600))
         engine = create_async_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine.sync_engine, "connect")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import unicodedata
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -24,11 +25,29 @@ def test_escape_sequences_and_bidi_overrides_become_visible_marks() -> None:
     assert "<U+200B>" in out
 
 
+INVISIBLE = (
+    "\u2028\u2029"  # line and paragraph separators
+    "\u2061\u2062\u2063\u2064"  # invisible operators
+    "\u206a\u206b\u206c\u206d\u206e\u206f"  # deprecated format controls
+    "\U000e0001\U000e0041\U000e007f"  # tag characters
+    "\ufff9\ufffa\ufffb"  # interlinear annotation
+    "\u115f\u1160\u3164\uffa0\u2800"  # Hangul fillers, blank Braille
+)
+
+
+def test_every_invisible_or_line_breaking_character_is_marked() -> None:
+    out = inert("a" + "b".join(INVISIBLE) + "c")
+    for ch in INVISIBLE:
+        assert ch not in out
+        assert f"<U+{ord(ch):04X}>" in out
+    assert "\u2028" not in inert("one\u2028two", multiline=True)
+
+
 @given(st.text())
 def test_no_control_or_format_character_survives(text: str) -> None:
     out = inert(text)
     for ch in out:
-        assert unicodedata.category(ch) not in ("Cc", "Cs", "Co", "Cn"), repr(ch)
+        assert unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"), repr(ch)
         assert ch not in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f"
 
 
@@ -46,3 +65,23 @@ def test_markdown_is_escaped() -> None:
     assert "\\[link\\]\\(http://evil\\)" in out
     assert "\\<script\\>" in out
     assert "\\*bold\\*" in out
+
+
+def test_a_relays_error_detail_reaches_the_terminal_inert(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A hostile relay's ``detail`` could clear the screen, fake a "delivered" line,
+    retitle the window or write the clipboard (OSC 52); the one error line marks it."""
+    import typer
+
+    from backchannel.client.cli import errors
+    from backchannel.client.relay import RelayError
+
+    detail = "\x1b[2J\x1b]0;title\x07\x1b]52;c;ZXZpbA==\x07\u2028delivered \u202e"
+    with pytest.raises(typer.Exit), errors():
+        raise RelayError("refused", detail)
+    printed = capsys.readouterr().err
+    assert printed.count("\n") == 1  # one line, no hint for this code
+    for bad in ("\x1b", "\x07", "\u2028", "\u202e"):
+        assert bad not in printed
+    assert printed.startswith("error: <U+001B>[2J")

@@ -135,3 +135,27 @@ async def _listen(url: str, channel: str, notes: list[Any]) -> None:
                     notes.append(decode(message["data"], max_size=4096))
     finally:
         await client.aclose()
+
+
+async def test_the_database_and_its_directory_are_private(tmp_path: Path) -> None:
+    """Any local user could read the room logs and who-talks-to-whom from a 0644
+    relay.db (issue 12): the directory is made 0700 and the files 0600."""
+    import stat
+
+    from sqlalchemy import text
+
+    from backchannel.server.storage import make_engine
+
+    data = tmp_path / "fresh"
+    engine = make_engine(f"sqlite+aiosqlite:///{data}/relay.db")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+            await conn.execute(text("INSERT INTO t VALUES (1)"))
+        files = [p for p in data.iterdir() if p.name.startswith("relay.db")]
+        assert {p.name for p in files} >= {"relay.db", "relay.db-wal"}
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        for path in files:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+    finally:
+        await engine.dispose()

@@ -155,3 +155,28 @@ async def test_total_connection_limit(relay_factory: RelayFactory) -> None:
     await first.send_frame("ping")
     await first.expect("pong")
     await first.close()
+
+
+async def test_a_repeated_signature_is_refused_before_any_is_checked(
+    relay: RelayServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Auth amplification (issue 12): one key and signature repeated in one frame cost
+    one Ed25519 verification each on the event loop (1,024 in the report)."""
+    a = MemberKeyPair.generate()
+    checked: list[bytes] = []
+    real = relayauth.verify_challenge
+
+    def counting(key: bytes, *args: object) -> None:
+        checked.append(key)
+        real(key, *args)  # type: ignore[arg-type]
+
+    # The relay runs in this process (a thread), so it calls the patched function.
+    monkeypatch.setattr(relayauth, "verify_challenge", counting)
+    client = await WSClient.connect(relay)
+    sig = relayauth.sign_challenge(a.sign_seed, client.origin, client.nonce)
+    await client.send_frame("auth", keys=[{"key": a.public.sign, "sig": sig}] * 200)
+    assert (await client.expect("error"))["code"] == "duplicate_keys"
+    assert checked == []
+    await client.auth([a])  # the connection may still authenticate properly
+    assert checked == [a.public.sign]
+    await client.close()
