@@ -27,7 +27,7 @@ from backchannel.client.core import Client
 from backchannel.client.store import Store
 from backchannel.protocol import roomlog as L
 from backchannel.server.config import Settings
-from tests.client.helpers import People, online, say
+from tests.client.helpers import People, handle_next_message, online, say
 from tests.server.helpers import FakeClock, RelayServer
 
 READS = ("get", "values", "scan", "messages")
@@ -96,14 +96,7 @@ async def measure(members: int, history: int) -> Counting:
                 await say(joined[i % len(joined)][0], joined[i % len(joined)][1], f"m{i}")
             await online(fac, room)
             await say(speaker, speaker_room, "the one we measure")
-            async with fac.connect([room]) as sock:
-                frame = await sock.recv(timeout=10)
-                while frame.type != "msg":
-                    await fac.handle_frame(sock, {room.room_id: room}, frame)
-                    frame = await sock.recv(timeout=10)
-                counting.on = True
-                await fac.handle_frame(sock, {room.room_id: room}, frame)
-                counting.on = False
+            await handle_next_message(fac, room, counting)
             assert fac.lines(room)[-1].text == "the one we measure"
         finally:
             await people.close()

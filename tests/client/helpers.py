@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from backchannel.client.core import Client, Room
 from backchannel.client.store import Store
@@ -59,3 +59,20 @@ async def room_with(people: People, *names: str, rules: L.Rules | None = None) -
     for client, r in [(fac, room), *joined.values(), (fac, room)]:
         await online(client, r)
     return fac, room, joined
+
+
+class Switch(Protocol):
+    on: bool
+
+
+async def handle_next_message(client: Client, room: Room, counting: Switch) -> None:
+    """Connect, handle frames up to the next room message, and handle that one with
+    ``counting.on`` set (the store-row counters of the tests and the bench)."""
+    async with client.connect([room]) as sock:
+        frame = await sock.recv(timeout=10)
+        while frame.type != "msg":
+            await client.handle_frame(sock, {room.room_id: room}, frame)
+            frame = await sock.recv(timeout=10)
+        counting.on = True
+        await client.handle_frame(sock, {room.room_id: room}, frame)
+        counting.on = False

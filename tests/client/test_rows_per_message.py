@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from backchannel.client.core import Client, Room
 from backchannel.client.store import Store
-from tests.client.helpers import People, online, room_with, say
+from tests.client.helpers import People, handle_next_message, online, room_with, say
 
 ROW_METHODS = ("get", "put", "delete", "values", "scan", "delete_scope", "add_message")
 
@@ -57,17 +56,6 @@ async def one_message(
     await handle_next_message(fac, room, rows)
     assert fac.lines(room)[-1].text == "the one we count"
     return rows
-
-
-async def handle_next_message(client: Client, room: Room, rows: Rows) -> None:
-    async with client.connect([room]) as sock:
-        frame = await sock.recv(timeout=10)
-        while frame.type != "msg":
-            await client.handle_frame(sock, {room.room_id: room}, frame)
-            frame = await sock.recv(timeout=10)
-        rows.on = True
-        await client.handle_frame(sock, {room.room_id: room}, frame)
-        rows.on = False
 
 
 async def test_one_room_message_touches_the_same_rows_whatever_the_room(
