@@ -70,7 +70,19 @@ RELAY_ENV = {
     # all load comes from 127.0.0.1, and senders go flat out
     "BACKCHANNEL_RELAY_RATE_MESSAGES_PER_SECOND": "1000000",
     "BACKCHANNEL_RELAY_RATE_BURST": "1000000",
+    "BACKCHANNEL_RELAY_KEY_BURST": "1000000",
+    "BACKCHANNEL_RELAY_FRAME_BURST": "1000000",
+    "BACKCHANNEL_RELAY_MAX_INFLIGHT_WRITES": "1000000",
+    "BACKCHANNEL_RELAY_FRAME_RATE_PER_SECOND": "1000000",
+    "BACKCHANNEL_RELAY_KEY_MESSAGES_PER_SECOND": "1000000",
     "BACKCHANNEL_RELAY_MAX_CONNECTIONS_PER_ADDRESS": "100000",
+    # set-up makes every room from one address, big rooms in one burst of appends
+    "BACKCHANNEL_RELAY_ROOMS_PER_ADDRESS": "1000000/minute",
+    "BACKCHANNEL_RELAY_RATE_LOG_APPENDS": "1000000/minute",
+    "BACKCHANNEL_RELAY_RATE_PREKEY_CLAIMS": "1000000/minute",
+    "BACKCHANNEL_RELAY_RATE_PREKEY_CLAIMS_PER_TARGET": "1000000/minute",
+    # throughput runs keep every message they send
+    "BACKCHANNEL_RELAY_MAX_ROOM_BYTES": str(1 << 40),
     # room for 10,000 idle connections plus the warm-up ones
     "BACKCHANNEL_RELAY_MAX_CONNECTIONS": "20000",
 }
@@ -242,6 +254,7 @@ def start_relay(backend: str) -> Server:
     data = Path(tempfile.mkdtemp(prefix="relay-", dir=WORK))
     env = {**os.environ, **RELAY_ENV}
     args = ["serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data)]
+    args += ["--admin-port", "0"]  # the operator listener, on a port of its own
     if backend == "postgres":
         url = _fresh_pg()
         subprocess.run(

@@ -15,6 +15,13 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
 from backchannel.protocol.envelope import RoomEnvelope
 
 from .context import Context
@@ -45,6 +52,16 @@ TRANSIENT = frozenset(
 )
 
 
+#: Answers that say "not now": the same connection is retried after a pause.
+BACK_OFF = frozenset({"busy", "rate_limited"})
+#: Tries per message before a ``busy`` is left to the next flush.
+BACK_OFF_TRIES = 4
+
+
+def _loaded(exc: BaseException) -> bool:
+    return isinstance(exc, RelayError) and exc.code in BACK_OFF
+
+
 def permanent(code: str) -> bool:
     """Whether the relay's refusal ``code`` means it will never take that message.
 
@@ -72,7 +89,18 @@ class Outbox:
         """Send one message; it leaves the outbox once stored, or once refused for good
         (with a warning, and the refusal raised)."""
         try:
-            await sock.request("send", room=room.room_id, **{"from": room.me}, cid=cid, data=data)
+            # A loaded relay says so (`busy`, `rate_limited`): wait a little, with
+            # jitter so that many clients do not come back at once, and try again.
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_loaded),
+                wait=wait_random_exponential(multiplier=0.2, max=3.0),
+                stop=stop_after_attempt(BACK_OFF_TRIES),
+                reraise=True,
+            ):
+                with attempt:
+                    await sock.request(
+                        "send", room=room.room_id, **{"from": room.me}, cid=cid, data=data
+                    )
         except RelayError as exc:
             if permanent(exc.code):
                 with self.ctx.store.transaction():

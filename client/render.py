@@ -24,6 +24,7 @@ Markdown export escapes what Markdown would act on.
 
 from __future__ import annotations
 
+import json
 import unicodedata
 
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
@@ -36,6 +37,31 @@ def _mark(ch: str) -> str:
     return f"<U+{ord(ch):04X}>"
 
 
+def _unsafe(ch: str) -> bool:
+    return ch in _BIDI or ch in _INVISIBLE or unicodedata.category(ch) in _UNSAFE_CATEGORIES
+
+
+def json_text(value: object, *, indent: int | None = None) -> str:
+    """``value`` as JSON whose bytes are inert on a terminal and whose strings still
+    decode to exactly what was sent: every character :func:`inert` would mark is
+    written as a ``\\uXXXX`` escape (they occur only inside strings, so the
+    document stays valid JSON)."""
+    raw = json.dumps(value, ensure_ascii=False, indent=indent)
+    out = []
+    for ch in raw:
+        # A raw newline can only be the indentation's: json.dumps escapes those in strings.
+        if ch != "\n" and _unsafe(ch):
+            code = ord(ch)
+            if code > 0xFFFF:
+                code -= 0x10000
+                out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+            else:
+                out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def inert(text: str, *, multiline: bool = False, limit: int | None = None) -> str:
     """``text`` with every character that could act on a terminal made visible."""
     out = []
@@ -44,7 +70,7 @@ def inert(text: str, *, multiline: bool = False, limit: int | None = None) -> st
             out.append(ch)
         elif ch == "\t":
             out.append("    ")
-        elif ch in _BIDI or ch in _INVISIBLE or unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+        elif _unsafe(ch):
             out.append(_mark(ch))
         else:
             out.append(ch)

@@ -7,14 +7,13 @@ members or the relay passes through :func:`~.render.inert` before it is shown.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 from backchannel.protocol import roomlog as L
 
 from .core import Client, Line, MemberView, NameTag, Room
-from .render import inert, markdown_escape
+from .render import inert, json_text, markdown_escape
 
 
 def when(ts: int) -> str:
@@ -88,7 +87,7 @@ def format_line(c: Client, r: Room, line: Line, as_json: bool) -> str:
     tag = None if line.sender is None else c.tag(r, line.sender)
     who = None if tag is None else inert(tag.name)
     if as_json:
-        return json.dumps(
+        return json_text(
             {
                 "n": line.n,
                 "kind": line.kind,
@@ -102,7 +101,6 @@ def format_line(c: Client, r: Room, line: Line, as_json: bool) -> str:
                 # Never for our own lines: there is no safety number with oneself.
                 "verified": tag is not None and tag.verified and not line.mine,
             },
-            ensure_ascii=False,
         )
     text = inert(line_text(c, r, line), multiline=False)
     if line.kind == "notice":
@@ -125,7 +123,7 @@ def render_export(c: Client, r: Room, fmt: str) -> str:
         "attributed": "On the record: statements are attributed.",
     }[mode]
     if fmt == "json":
-        return json.dumps(
+        return json_text(
             {
                 "rules": mode,
                 "notice": header,
@@ -139,7 +137,6 @@ def render_export(c: Client, r: Room, fmt: str) -> str:
                     for line in lines
                 ],
             },
-            ensure_ascii=False,
             indent=1,
         )
     out = [f"# {markdown_escape(r.title or 'Untitled dialogue')}", "", f"> {header}", ""]

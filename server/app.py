@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import admin
 from .config import Settings
 from .errors import RelayError
 from .handlers import retention
@@ -33,9 +34,11 @@ from .handlers.hub import Hub
 from .logging import get_logger
 from .metrics import Metrics
 from .migrate import SchemaNotCurrent, ensure_schema
+from .ratelimit import Limits
 from .rest import routes
-from .rest.ws import ConnectionLimiter, websocket_endpoint
-from .storage import Store, make_engine, storage_unavailable, unavailable
+from .rest.budgets import ConnectionLimiter, CpuBuckets, KeyBuckets
+from .rest.endpoint import reap, websocket_endpoint
+from .storage import Quotas, Store, make_engine, storage_unavailable, unavailable
 
 log = get_logger("backchannel.relay")
 
@@ -102,7 +105,9 @@ def create_app(
 ) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.resolved_database_url())
+        engine = make_engine(
+            settings.resolved_database_url(), busy_timeout=settings.sqlite_busy_timeout_ms / 1000
+        )
         try:
             await ensure_schema(engine, auto_migrate=settings.auto_migrate)
         except SchemaNotCurrent as exc:
@@ -118,6 +123,12 @@ def create_app(
             batch_max=settings.batch_max,
             clock=clock,
             on_commit=metrics.observe_batch,
+            write_queue_depth=settings.write_queue_depth,
+            quotas=Quotas(
+                max_room_bytes=settings.max_room_bytes,
+                max_mailbox_per_sender=settings.max_mailbox_per_sender,
+                state_cache_entries=settings.room_state_cache_entries,
+            ),
         )
         await store.start()
         app.state.store = store
@@ -134,35 +145,55 @@ def create_app(
         purger = asyncio.create_task(
             retention.purge_loop(store, settings.purge_interval_seconds), name="retention"
         )
+        reaper = asyncio.create_task(reap(app.state), name="reaper")
         log.info("relay.started")
         if on_started is not None:
             on_started()
         try:
             yield
         finally:
-            purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await purger
+            for task in (purger, reaper):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await fanout.stop()
             await store.close()
             log.info("relay.stopped")
 
     metrics = Metrics()
+    # The schema, its pages and /metrics are the operator listener's (see .admin) unless
+    # the operator asks for them here; app.openapi() builds the schema either way.
+    on_public = settings.admin_on_public
     app = FastAPI(
         title="backchannel relay",
         version="1",
         description="Stores and forwards ciphertext for backchannel rooms. See docs/relay-api.md.",
         lifespan=lifespan,
+        openapi_url="/openapi.json" if on_public else None,
+        docs_url="/docs" if on_public else None,
+        redoc_url="/redoc" if on_public else None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.hub = Hub()
     app.state.limiter = ConnectionLimiter(
-        settings.max_connections, settings.max_connections_per_address
+        settings.max_connections,
+        settings.max_connections_per_address,
+        settings.max_unsettled_connections,
+        settings.max_unsettled_per_address,
     )
+    app.state.connections = set()
+    app.state.unsettled = {}
+    app.state.key_buckets = KeyBuckets(settings.key_messages_per_second, settings.key_burst)
+    app.state.cpu_buckets = CpuBuckets(settings.stranger_cpu_share)
+    if not hasattr(app.state, "limits"):
+        app.state.limits = Limits()
+    routes.define_limits(app.state.limits, settings)
     app.state.internal_errors = 0
     app.include_router(routes.router)
     app.include_router(routes.health)
+    if on_public:
+        app.include_router(admin.router)
     app.add_api_websocket_route("/v1/ws", websocket_endpoint)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 

@@ -31,6 +31,8 @@ def _type(annotation: Any) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
     args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list:
+        return f"list of {_type(args[0])}"
     if args:
         parts = [_type(a) for a in args if a is not type(None)]
         text = " \\| ".join(parts)

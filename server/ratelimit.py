@@ -1,7 +1,7 @@
 """Rate limits and quotas keyed by something other than a connection.
 
 Per-connection budgets are token buckets on the connection itself
-(:class:`backchannel.server.rest.ws.TokenBucket`); what must hold across
+(:class:`backchannel.server.rest.budgets.TokenBucket`); what must hold across
 connections (per source address, per member key, per room) goes through the
 ``limits`` library's in-memory moving window, here. Keys are hashed before they
 are stored, so the limiter's memory holds no address, key or room id in the

@@ -3,7 +3,8 @@
 Ids travel hex-encoded in paths, binary blobs as unpadded base64url in bodies.
 Every error is ``{"error": {"code": ..., "detail": ...}}`` with a 4xx status
 (see :mod:`backchannel.server.app` for the handlers). Documented in
-docs/relay-api.md and the OpenAPI schema at ``/openapi.json``.
+docs/relay-api.md and the OpenAPI schema at ``/openapi.json`` (on the operator listener,
+see :mod:`backchannel.server.admin`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from backchannel.protocol import errors as perr
@@ -23,9 +24,9 @@ from ..errors import RelayError, from_protocol
 from ..frames import MAX_POSITION
 from ..handlers.fanout import Fanout
 from ..logging import get_logger
-from ..metrics import CONTENT_TYPE_LATEST
 from ..migrate import schema_state
-from ..storage import Store
+from ..ratelimit import Limits as RateLimits
+from ..storage import STORAGE_UNAVAILABLE, Store
 from .auth import b64d, b64e, verify_request
 
 log = get_logger("backchannel.relay.api")
@@ -45,8 +46,25 @@ def get_fanout(request: Request) -> Fanout:
     return request.app.state.fanout  # type: ignore[no-any-return]
 
 
+def get_limits(request: Request) -> RateLimits:
+    return request.app.state.limits  # type: ignore[no-any-return]
+
+
+def define_limits(limits: RateLimits, settings: Settings) -> None:
+    """The keyed budgets the routes below spend (see the settings of the same names)."""
+    limits.define("rooms_per_address", settings.rooms_per_address)
+    limits.define("log_appends", settings.rate_log_appends)
+    limits.define("prekey_claims", settings.rate_prekey_claims)
+    limits.define("prekey_claims_per_target", settings.rate_prekey_claims_per_target)
+
+
+def rate_limited(detail: str) -> RelayError:
+    return RelayError("rate_limited", 429, detail)
+
+
 StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+LimitsDep = Annotated[RateLimits, Depends(get_limits)]
 FanoutDep = Annotated[Fanout, Depends(get_fanout)]
 
 
@@ -155,9 +173,18 @@ async def limits(settings: SettingsDep) -> Any:
 
 
 @router.post("/rooms", status_code=201, response_model=RoomCreated)
-async def create_room(body: CreateRoom, store: StoreDep, settings: SettingsDep) -> Any:
-    """Create a room from its signed `create` event; the room id is that event's hash."""
+async def create_room(
+    body: CreateRoom, request: Request, store: StoreDep, settings: SettingsDep, limits: LimitsDep
+) -> Any:
+    """Create a room from its signed `create` event; the room id is that event's hash.
+
+    Under the open policy each client address may create ``rooms_per_address``
+    rooms per window (429 ``rate_limited``); only rooms actually created count."""
     data = b64d(body.event, "event")
+    address = request.client.host if request.client else ""
+    open_policy = settings.creation_policy == "open"
+    if open_policy and not limits.test("rooms_per_address", address):
+        raise rate_limited("this address has created too many rooms; try again later")
     appended = await store.create_room(
         data,
         limits=log_limits(settings),
@@ -166,6 +193,8 @@ async def create_room(body: CreateRoom, store: StoreDep, settings: SettingsDep) 
         skew=settings.clock_skew_seconds,
     )
     if appended.fresh:
+        if open_policy:
+            limits.hit("rooms_per_address", address)
         log.info("room.created")
     answer = {"room_id": appended.head.hex(), "pos": 0, "head": appended.head.hex()}
     return JSONResponse(answer, status_code=201 if appended.fresh else 200)
@@ -173,13 +202,23 @@ async def create_room(body: CreateRoom, store: StoreDep, settings: SettingsDep) 
 
 @router.post("/rooms/{room_id}/events", status_code=201, response_model=EventAppended)
 async def append_event(
-    room_id: str, body: AppendEvent, store: StoreDep, settings: SettingsDep, fanout: FanoutDep
+    room_id: str,
+    body: AppendEvent,
+    store: StoreDep,
+    settings: SettingsDep,
+    fanout: FanoutDep,
+    limits: LimitsDep,
 ) -> Any:
     """Append one signed log event, validated against the room's current state.
 
     201 for a new event; 200 with the same answer for an exact duplicate (a retry).
+    Each room accepts ``rate_log_appends`` new events per window (429
+    ``rate_limited``); events refused for any other reason do not count, so no
+    one but the room's members can spend its budget.
     """
     room = parse_id(room_id, "room id")
+    if not limits.test("log_appends", room):
+        raise rate_limited("this room's log is growing too fast; try again later")
     appended = await store.append_event(
         room,
         b64d(body.event, "event"),
@@ -187,6 +226,7 @@ async def append_event(
         skew=settings.clock_skew_seconds,
     )
     if appended.fresh:
+        limits.hit("log_appends", room)
         fanout.event(room, appended)
     if appended.fresh:
         log.info("log.appended", kind=appended.event.KIND, pos=appended.pos)
@@ -220,7 +260,9 @@ async def preview(room_id: str, key: SignedKey, store: StoreDep) -> Any:
     room = parse_id(room_id, "room id")
     try:
         state = await store.room_state(room)
-    except RelayError:
+    except RelayError as exc:
+        if exc.code == STORAGE_UNAVAILABLE:
+            raise
         raise RelayError("invalid_invite", 403, "no valid invite with this key") from None
     invite = state.invites.get(key)
     if (
@@ -247,10 +289,18 @@ async def upload_prekeys(body: UploadPrekeys, store: StoreDep, settings: Setting
 
 
 @router.post("/prekeys/{member}/claim", response_model=Bundle)
-async def claim_prekeys(member: str, key: SignedKey, store: StoreDep) -> Any:
+async def claim_prekeys(member: str, key: SignedKey, store: StoreDep, limits: LimitsDep) -> Any:
     """A prekey bundle for ``member``, consuming one one-time KEM and X25519 prekey.
-    Signed by a member key that shares a room with ``member``."""
-    bundle = await store.claim_prekeys(parse_id(member, "member key"), key)
+    Signed by a member key that shares a room with ``member``. A claimer may make
+    ``rate_prekey_claims`` claims per window, ``rate_prekey_claims_per_target`` of
+    them for one member (429 ``rate_limited``), so no co-member can use up
+    another's one-time prekeys."""
+    target = parse_id(member, "member key")
+    if not limits.hit("prekey_claims_per_target", key, target) or not limits.hit(
+        "prekey_claims", key
+    ):
+        raise rate_limited("too many prekey claims; try again later")
+    bundle = await store.claim_prekeys(target, key)
     return {"bundle": b64e(bundle)}
 
 
@@ -264,8 +314,9 @@ async def healthz() -> dict[str, str]:
 
 @health.get("/readyz", responses={503: {"model": ErrorResponse}})
 async def readyz(store: StoreDep, fanout: FanoutDep) -> Any:
-    """Ready when the database answers at this code's schema revision and, with
-    Redis configured, fan-out is connected. ``checks`` names what is not."""
+    """Ready when the database answers at this code's schema revision, writes to it
+    succeed, and, with Redis configured, fan-out is connected. ``checks`` names what
+    is not (``database``: ``down`` or ``writes_failing``)."""
     checks = {"database": "ok", "schema": "ok", "fanout": "ok" if fanout.enabled else "off"}
     if not await store.ping():
         checks["database"] = "down"
@@ -278,6 +329,13 @@ async def readyz(store: StoreDep, fanout: FanoutDep) -> Any:
         except Exception:
             checks["database"] = "down"
             checks["schema"] = "unknown"
+    if checks["database"] == "ok" and store.health.failing:
+        # Reads may work while writes do not (a locked or full database): ready again
+        # only once a write succeeds, the next real one or this probe.
+        if store.health.probe_due():
+            await store.probe_write()
+        if store.health.failing:
+            checks["database"] = "writes_failing"
     if fanout.enabled and not fanout.available:
         checks["fanout"] = "down"
     down = [name for name, value in checks.items() if value not in ("ok", "off")]
@@ -287,11 +345,3 @@ async def readyz(store: StoreDep, fanout: FanoutDep) -> Any:
     return JSONResponse(
         {"error": {"code": "not_ready", "detail": detail}, "checks": checks}, status_code=503
     )
-
-
-@health.get("/metrics", response_class=Response)
-async def metrics(request: Request, settings: SettingsDep) -> Response:
-    """Prometheus text format: counts and timings only."""
-    if not settings.metrics_enabled:
-        raise RelayError("not_found", 404, "metrics are disabled")
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

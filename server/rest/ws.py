@@ -1,13 +1,12 @@
-"""The WebSocket endpoint ``/v1/ws``: authenticate, subscribe, send, receive, acknowledge.
+"""A WebSocket connection to ``/v1/ws``: authenticate, subscribe, send, receive, acknowledge.
 
-Each connection runs two tasks: the reader (this module's :meth:`Connection.run`)
-parses frames and acts, and the writer drains the connection's bounded outbox.
-Everything sent to the client goes through the writer, which is also where
-delivery order is decided: a subscription keeps ``next_seq`` and the writer
-delivers a live message only if it is the next one, fetches the missing range
-from the database if it is ahead, and drops it if it is behind. So a client
-sees each room's messages gap-free and in order, whatever order notifications
-arrive in.
+Each connection runs two tasks: the reader (:meth:`Connection.run`) parses
+frames and acts, and the writer (:mod:`.writer`) drains the connection's
+bounded outbox, where delivery order is decided. Whatever a frame asks for is
+bounded before it is done: frames and decoding time per connection (past the
+budget the reader pauses, so TCP slows the sender), sends per connection and
+per key, writes in flight, acknowledgements coalesced into one write at a time,
+and bytes queued for a reader that may be slow (see :mod:`.budgets`).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -32,21 +30,19 @@ from ..handlers.hub import (
     CatchUp,
     Frame,
     Hub,
-    Mail,
-    MailCheck,
     MailSync,
-    Notify,
     OutItem,
     Subscription,
-    Wake,
 )
 from ..logging import get_logger
 from ..metrics import Metrics
 from ..storage import STORAGE_UNAVAILABLE, unavailable
+from .budgets import ConnectionLimiter, CpuBuckets, KeyBuckets, TokenBucket
+from .writer import Writer, item_size
 
 if TYPE_CHECKING:
     from ..config import Settings
-    from ..storage import MailItem, Store, StoredMessage
+    from ..storage import Store
 
 log = get_logger("backchannel.relay.ws")
 
@@ -56,54 +52,8 @@ CLOSE_TOO_BIG = 1009
 CLOSE_TRY_LATER = 1013
 #: Failed or premature frames tolerated before authentication.
 PRE_AUTH_STRIKES = 3
-
-
-@dataclass(slots=True)
-class TokenBucket:
-    rate: float
-    burst: float
-    tokens: float = 0.0
-    stamp: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.tokens = self.burst
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
-class ConnectionLimiter:
-    """Counts live connections, in total and per client address.
-
-    Addresses are held in memory while connected, never logged or stored.
-    """
-
-    def __init__(self, total: int, per_address: int) -> None:
-        self.total = total
-        self.per_address = per_address
-        self.live = 0
-        self.by_address: dict[str, int] = {}
-
-    def acquire(self, address: str) -> bool:
-        if self.live >= self.total or self.by_address.get(address, 0) >= self.per_address:
-            return False
-        self.live += 1
-        self.by_address[address] = self.by_address.get(address, 0) + 1
-        return True
-
-    def release(self, address: str) -> None:
-        self.live -= 1
-        left = self.by_address.get(address, 1) - 1
-        if left <= 0:
-            self.by_address.pop(address, None)
-        else:
-            self.by_address[address] = left
+#: Mailbox ids one connection may have waiting to be acknowledged.
+MAX_PENDING_ACKS = 8192
 
 
 class _Closing(Exception):
@@ -111,7 +61,7 @@ class _Closing(Exception):
         self.code = code
 
 
-class Connection:
+class Connection(Writer):
     def __init__(
         self,
         ws: WebSocket,
@@ -120,6 +70,11 @@ class Connection:
         hub: Hub,
         fanout: Fanout,
         metrics: Metrics,
+        *,
+        address: str = "",
+        limiter: ConnectionLimiter | None = None,
+        key_buckets: KeyBuckets | None = None,
+        cpu_buckets: CpuBuckets | None = None,
     ) -> None:
         self.ws = ws
         self.settings = settings
@@ -133,6 +88,34 @@ class Connection:
         self.subs: dict[bytes, Subscription] = {}
         self.delivered: dict[bytes, set[int]] = {}  # recipient key -> mailbox ids sent
         self.bucket = TokenBucket(settings.rate_messages_per_second, settings.rate_burst)
+        self.frames = TokenBucket(settings.frame_rate_per_second, settings.frame_burst)
+        # Each auth frame may cost up to max_keys_per_connection verifications.
+        self.auths = TokenBucket(1.0, 5)
+        self.key_buckets = key_buckets or KeyBuckets(
+            settings.key_messages_per_second, settings.key_burst
+        )
+        self.address = address
+        self.limiter = limiter
+        self.settled = False
+        #: Since when (monotonic) this connection has held no member subscription.
+        self.unsettled_since = time.monotonic()
+        #: Decoding time this connection may spend: its own once it is a member's,
+        #: its address's (shared with every stranger there) until then.
+        self.cpu = TokenBucket(settings.member_cpu_share, settings.member_cpu_share * 2)
+        self.stranger_cpu = (cpu_buckets or CpuBuckets(settings.stranger_cpu_share)).get(address)
+        #: When the write in progress started (monotonic), if one is.
+        self.write_started: float | None = None
+        #: Bytes in the outbox, not yet taken by the socket.
+        self.pending = 0
+        self.drained = asyncio.Event()
+        self.drained.set()
+        self.inflight = 0
+        self.acks: set[int] = set()
+        self.acking = False
+        self.throttled = False
+        #: The registry of unsettled connections this one is in while unsettled.
+        self.unsettled: dict[Connection, None] = {}
+        self.auth_frame_bytes = 512 + 128 * settings.max_keys_per_connection
         self.nonce = P.random_bytes(F.NONCE_SIZE)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.writer: asyncio.Task[None] | None = None
@@ -145,20 +128,45 @@ class Connection:
     def offer(self, item: OutItem) -> None:
         if self.closing:
             return
+        size = item_size(item)
+        if self.pending + size > self.settings.max_pending_bytes:
+            self.too_slow()
+            return
         try:
             self.outbox.put_nowait(item)
         except asyncio.QueueFull:
-            self.closing = True
-            self.hub.forget(self, self.keys, list(self.subs.values()))
-            log.info("ws.too_slow")
-            self._spawn(self._abort("too_slow", "the connection does not keep up"))
+            self.too_slow()
+            return
+        self._count(size)
+
+    def too_slow(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.hub.forget(self, self.keys, list(self.subs.values()))
+        log.info("ws.too_slow")
+        self._spawn(self._abort("too_slow", "the connection does not keep up"))
+
+    def _count(self, size: int) -> None:
+        self.pending += size
+        if self.pending > self.settings.max_pending_bytes // 2:
+            self.drained.clear()
+
+    def _taken(self, item: OutItem) -> None:
+        self.pending -= item_size(item)
+        if self.pending <= self.settings.max_pending_bytes // 2:
+            self.drained.set()
 
     async def put(self, item: OutItem) -> None:
         """Queue a reply to this connection's own request. It waits when the
-        outbox is full: a client that does not read its answers slows only
-        itself (``offer`` is for what other connections cause)."""
+        outbox is full (in items or bytes): a client that does not read its
+        answers slows only itself, and stops being read (``offer`` is for what
+        other connections cause)."""
+        while not self.closing and not self.drained.is_set():
+            await self.drained.wait()
         if not self.closing:
             await self.outbox.put(item)
+            self._count(item_size(item))
 
     async def send(self, data: bytes) -> None:
         await self.put(Frame(data))
@@ -167,19 +175,19 @@ class Connection:
         self.metrics.error(code)
         await self.send(F.error_frame(code, detail, ref))
 
-    async def _out(self, data: bytes) -> None:
-        await self.ws.send_bytes(data)
-        self.metrics.bytes_out.inc(len(data))
-
     async def _abort(self, code: str, detail: str, close_code: int = CLOSE_POLICY) -> None:
-        """Close this connection from outside its reader (a full outbox)."""
+        """Close this connection from outside its reader (a full outbox, the reaper)."""
         self.aborted = True
+        stuck = self.write_started is not None
         if self.writer is not None:
             self.writer.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.send_bytes(F.error_frame(code, detail)), 1.0)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(close_code), 1.0)
+        if not stuck:
+            # Explained and closed politely only to a peer that still reads; for one
+            # that does not, the socket is aborted when the reader ends (wsproto.py).
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.send_bytes(F.error_frame(code, detail)), 1.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.close(close_code), 1.0)
         if self.reader is not None:
             self.reader.cancel()
 
@@ -207,11 +215,52 @@ class Connection:
                 raise
         finally:
             self.closing = True
+            self.drained.set()
             self.hub.forget(self, self.keys, list(self.subs.values()))
             if self.writer is not None:
                 self.writer.cancel()
             for task in list(self.tasks):
                 task.cancel()
+
+    # --- budgets ----------------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        if not self.settled:
+            self.settled = True
+            self.unsettled.pop(self, None)
+            if self.limiter is not None:
+                self.limiter.settle(self.address)
+
+    def evict(self) -> None:
+        """Close this (unsettled) connection to make room for a newer one."""
+        if self.closing:
+            return
+        self.closing = True
+        self.hub.forget(self, self.keys, list(self.subs.values()))
+        self.metrics.error("too_many_connections")
+        self._spawn(self._abort("too_many_connections", "the relay is full; try again later"))
+
+    def check(self, now: float) -> None:
+        """The reaper's look at this connection (once a second)."""
+        if self.closing:
+            return
+        if (
+            self.write_started is not None
+            and now - self.write_started > self.settings.slow_reader_seconds
+        ):
+            self.too_slow()
+            return
+        if self.settled and not any(sub.active and sub.key for sub in self.subs.values()):
+            self.settled = False
+            self.unsettled_since = now
+            self.unsettled[self] = None
+            if self.limiter is not None:
+                self.limiter.unsettle(self.address)
+        if not self.settled and now - self.unsettled_since > self.settings.setup_window_seconds:
+            self.closing = True
+            self.hub.forget(self, self.keys, list(self.subs.values()))
+            self.metrics.error("not_a_member")
+            self._spawn(self._abort("not_a_member", "subscribe to a room you are a member of"))
 
     async def _drain_then_close(self, code: int) -> None:
         # Let the writer flush the error frame that explains the close.
@@ -224,6 +273,16 @@ class Connection:
         message = await self.ws.receive()
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
+        wait = self.frames.spend(1)
+        if wait > 0:
+            # Over the frame budget: said once, then this connection is read only as
+            # fast as the budget refills (the rest wait in its own socket).
+            if not self.throttled:
+                self.throttled = True
+                await self.error("rate_limited", "too many frames; reading slows down")
+            await asyncio.sleep(wait)
+        else:
+            self.throttled = False
         if message.get("text") is not None:
             await self.error("malformed", "frames are binary")
             raise _Closing(CLOSE_UNSUPPORTED)
@@ -232,13 +291,27 @@ class Connection:
         return bytes(data)
 
     async def _parse(self, data: bytes) -> F.ClientFrame | None:
+        # Before authentication only an auth frame is expected, and it is small.
+        limit = self.settings.max_frame_bytes if self.keys else self.auth_frame_bytes
+        started = time.perf_counter()
         try:
-            return F.parse_client_frame(data, max_size=self.settings.max_frame_bytes)
+            frame = F.parse_client_frame(data, max_size=limit)
         except F.FrameError as exc:
             await self.error(exc.code, exc.detail, exc.ref)
             if exc.code == "frame_too_large":
                 raise _Closing(CLOSE_TOO_BIG) from exc
-            return None
+            frame = None
+        await self._charge(started)
+        return frame
+
+    async def _charge(self, started: float) -> None:
+        """Charge the time since ``started`` (decoding, verifying) to this
+        connection's budget; past it, stop reading for a while. The socket then
+        fills and the sender is slowed by TCP itself, at no cost to anyone else."""
+        bucket = self.cpu if self.settled else self.stranger_cpu
+        wait = bucket.spend(time.perf_counter() - started)
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _authenticate(self) -> None:
         strikes = 0
@@ -259,6 +332,9 @@ class Connection:
             raise _Closing(CLOSE_POLICY) from None
 
     async def _auth(self, frame: F.Auth) -> bool:
+        if not self.auths.take():
+            await self.error("rate_limited", "too many auth frames", "auth")
+            return False
         named = {k.key for k in frame.keys}
         if len(named) != len(frame.keys):
             # Refused before any signature is checked: one signature repeated a
@@ -273,12 +349,15 @@ class Connection:
                 "auth",
             )
             return False
+        started = time.perf_counter()
         try:
             for item in frame.keys:
                 relayauth.verify_challenge(item.key, self.origin, self.nonce, item.sig)
         except (perr.ProtocolError, ValueError):
+            await self._charge(started)
             await self.error("bad_signature", "a key's signature does not verify", "auth")
             return False
+        await self._charge(started)
         self.keys |= new
         log.info("ws.authenticated", keys=len(self.keys))
         # A fresh challenge after every success: an auth frame is good once, here only.
@@ -320,7 +399,7 @@ class Connection:
         elif isinstance(frame, F.Send | F.PSend):
             await self._send(frame)
         elif isinstance(frame, F.Ack):
-            self._spawn(self._ack(frame))
+            await self._take_ack(frame)
 
     async def _sub(self, frame: F.Sub) -> None:
         # Subscriptions a departure ended no longer count.
@@ -353,6 +432,7 @@ class Connection:
             )
             return
         sub.key = key
+        self._settle()
         await self.put(CatchUp(sub))
 
     async def _refetch(self, frame: F.Fetch) -> None:
@@ -400,8 +480,11 @@ class Connection:
                 "sender_mismatch", "the message names another sender or room", frame.cid
             )
             return
-        if not self.bucket.take():
+        if not self.bucket.take() or not self.key_buckets.take(frame.sender):
             await self.error("rate_limited", "slow down", frame.cid)
+            return
+        if self.inflight >= self.settings.max_inflight_writes:
+            await self.error("busy", "too many sends waiting; retry shortly", frame.cid)
             return
         if not self.fanout.available:
             # Other instances would not hear of it: refuse rather than half-deliver.
@@ -409,6 +492,7 @@ class Connection:
                 FANOUT_UNAVAILABLE, "fan-out (Redis) is unavailable; retry later", frame.cid
             )
             return
+        self.inflight += 1
         self._spawn(self._store_send(frame))
 
     async def _store_send(self, frame: F.Send | F.PSend) -> None:
@@ -436,145 +520,42 @@ class Connection:
                     self.fanout.mail(item)
         except RelayError as exc:
             await self.error(exc.code, exc.detail, frame.cid)
+        finally:
+            self.inflight -= 1
 
-    async def _ack(self, frame: F.Ack) -> None:
-        try:
-            gone = await self.store.mailbox_ack(sorted(self.keys), list(frame.ids))
-        except RelayError as exc:
-            await self.error(exc.code, exc.detail, "ack")
+    async def _take_ack(self, frame: F.Ack) -> None:
+        """Acks are coalesced: at most one acknowledgement write per connection is
+        in flight, and ids that arrive meanwhile join the next one. So a flood of
+        ``ack`` frames costs one database write at a time, not a task per frame."""
+        # Only what this connection delivered can be acknowledged on it: anything
+        # else is answered at once, with no database work (a client that acks
+        # mail delivered on an earlier connection gets it again, and acks it again).
+        ids = [i for i in frame.ids if any(i in seen for seen in self.delivered.values())]
+        if not ids:
+            await self.send(F.server_frame("acked", ids=[]))
             return
-        for ids in self.delivered.values():
-            ids.difference_update(gone)
-        await self.send(F.server_frame("acked", ids=gone))
+        if len(self.acks) + len(ids) > MAX_PENDING_ACKS:
+            await self.error("busy", "too many acknowledgements waiting", "ack")
+            return
+        self.acks.update(ids)
+        if not self.acking:
+            self.acking = True
+            self._spawn(self._ack_loop())
 
-    # --- the writer ------------------------------------------------------------------------------
-
-    async def _write_loop(self) -> None:
+    async def _ack_loop(self) -> None:
         try:
-            while True:
-                item = await self.outbox.get()
+            while self.acks and not self.closing:
+                ids, self.acks = sorted(self.acks), set()
                 try:
-                    await self._write(item)
-                finally:
-                    self.outbox.task_done()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if unavailable(exc) and not self.closing:
-                # A catch-up read failed: close, so the client reconnects and
-                # resumes from its cursor once the database is back.
-                self.closing = True
-                self.hub.forget(self, self.keys, list(self.subs.values()))
-                self.metrics.error(STORAGE_UNAVAILABLE)
-                self._spawn(
-                    self._abort(STORAGE_UNAVAILABLE, "the database is unavailable", CLOSE_TRY_LATER)
-                )
-                return
-            # The socket went away under us; the reader notices and cleans up.
-            self.closing = True
-
-    async def _write(self, item: OutItem) -> None:
-        if isinstance(item, Frame):
-            await self._out(item.data)
-        elif isinstance(item, Notify):
-            sub, msg = item.sub, item.msg
-            # Nothing live before membership is confirmed: the CatchUp queued after
-            # the check reads everything from the database anyway.
-            if not sub.active or sub.key is None or msg.seq < sub.next_seq:
-                return
-            if msg.seq == sub.next_seq:
-                await self._deliver(sub, msg)
-            else:
-                await self._fetch(sub, upto=msg.seq)
-            self.metrics.fanout_latency.observe(time.monotonic() - item.t)
-        elif isinstance(item, Wake):
-            if item.sub.active and item.sub.key is not None and item.seq >= item.sub.next_seq:
-                await self._fetch(item.sub, upto=item.seq)
-                self.metrics.fanout_latency.observe(time.monotonic() - item.t)
-        elif isinstance(item, CatchUp):
-            await self._fetch(item.sub, upto=None)
-            if item.sub.active:
-                await self._out(
-                    F.server_frame("synced", room=item.sub.room, seq=item.sub.next_seq - 1)
-                )
-        elif isinstance(item, Mail):
-            await self._deliver_mail(item.item)
-        elif isinstance(item, MailCheck):
-            seen = self.delivered.get(item.key)
-            if seen is not None and (item.max_id not in seen or item.count > len(seen)):
-                await self._write(MailSync(item.key))
-        else:
-            after = 0
-            while True:
-                page = await self.store.mailbox_pending(
-                    item.key, after, self.settings.catch_up_page
-                )
-                for mail in page:
-                    await self._deliver_mail(mail)
-                if len(page) < self.settings.catch_up_page:
-                    break
-                after = page[-1].id
-
-    async def _fetch(self, sub: Subscription, upto: int | None) -> None:
-        page_size = self.settings.catch_up_page
-        while sub.active:
-            page = await self.store.room_messages_after(sub.room, sub.next_seq - 1, page_size, upto)
-            for msg in page:
-                if not sub.active:
-                    return
-                await self._deliver(sub, msg)
-            if len(page) < page_size:
-                return
-
-    async def _deliver(self, sub: Subscription, msg: StoredMessage) -> None:
-        await self._out(F.server_frame("msg", room=sub.room, seq=msg.seq, data=msg.data, ts=msg.ts))
-        sub.next_seq = msg.seq + 1
-        self.metrics.messages_out.labels("room").inc()
-
-    async def _deliver_mail(self, item: MailItem) -> None:
-        seen = self.delivered.get(item.recipient)
-        if seen is None or item.id in seen:
-            return
-        seen.add(item.id)
-        self.metrics.messages_out.labels("pairwise").inc()
-        await self._out(
-            F.server_frame(
-                "pmsg",
-                id=item.id,
-                room=item.room_id,
-                to=item.recipient,
-                data=item.data,
-                ts=item.ts,
-                **{"from": item.sender},
-            )
-        )
-
-
-async def websocket_endpoint(ws: WebSocket) -> None:
-    state = ws.app.state
-    address = ws.client.host if ws.client else ""
-    limiter: ConnectionLimiter = state.limiter
-    metrics: Metrics = state.metrics
-    if not limiter.acquire(address):
-        metrics.error("too_many_connections")
-        await ws.accept()
-        with contextlib.suppress(Exception):
-            await ws.send_bytes(F.error_frame("too_many_connections", "try again later"))
-            await ws.close(CLOSE_TRY_LATER)
-        return
-    metrics.connections.inc()
-    try:
-        await ws.accept()
-        conn = Connection(ws, state.settings, state.store, state.hub, state.fanout, metrics)
-        await conn.run()
-    except Exception as exc:
-        state.internal_errors += 1
-        log.error("ws.internal_error", error=type(exc).__name__)
-        with contextlib.suppress(Exception):
-            await ws.close(1011)
-    finally:
-        metrics.connections.dec()
-        limiter.release(address)
+                    gone = await self.store.mailbox_ack(sorted(self.keys), ids)
+                except RelayError as exc:
+                    await self.error(exc.code, exc.detail, "ack")
+                    continue
+                for seen in self.delivered.values():
+                    seen.difference_update(gone)
+                await self.send(F.server_frame("acked", ids=gone))
+        finally:
+            self.acking = False
 
 
 def _names_its_sender(frame: F.Send) -> bool:

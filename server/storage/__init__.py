@@ -10,7 +10,14 @@ below hold no state of their own beyond the shared engine and batcher
 
 from __future__ import annotations
 
-from .engine import STORAGE_UNAVAILABLE, make_engine, storage_unavailable, unavailable
+from .engine import (
+    STORAGE_UNAVAILABLE,
+    Quotas,
+    WriteHealth,
+    make_engine,
+    storage_unavailable,
+    unavailable,
+)
 from .housekeeping import HousekeepingStore
 from .mailboxes import MailboxStore, MailItem
 from .messages import MessageStore, StoredMessage
@@ -21,8 +28,10 @@ __all__ = [
     "STORAGE_UNAVAILABLE",
     "Appended",
     "MailItem",
+    "Quotas",
     "Store",
     "StoredMessage",
+    "WriteHealth",
     "make_engine",
     "storage_unavailable",
     "unavailable",

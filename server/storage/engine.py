@@ -37,6 +37,9 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from ..errors import RelayError
+from ..logging import get_logger
+
+log = get_logger("backchannel.relay.storage")
 
 T = TypeVar("T")
 
@@ -44,7 +47,9 @@ T = TypeVar("T")
 SQLITE_BEGIN = "backchannel_sqlite_begin"
 
 
-def make_engine(url: str) -> AsyncEngine:
+def make_engine(url: str, *, busy_timeout: float = 30.0) -> AsyncEngine:
+    """``busy_timeout``: seconds an SQLite write waits for another process's lock. The
+    relay passes its short setting; operator commands may wait longer."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -54,7 +59,7 @@ def make_engine(url: str) -> AsyncEngine:
             database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not database.exists():
                 os.close(os.open(database, os.O_CREAT | os.O_WRONLY, 0o600))
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": busy_timeout})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -90,6 +95,8 @@ def make_engine(url: str) -> AsyncEngine:
 
 def unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means "the database cannot be reached" (not "this write is bad")."""
+    if isinstance(exc, RelayError):
+        return exc.code == STORAGE_UNAVAILABLE
     if isinstance(exc, OSError | ConnectionError | TimeoutError | PoolTimeout):
         return True
     if isinstance(exc, InterfaceError | OperationalError):
@@ -102,6 +109,70 @@ STORAGE_UNAVAILABLE = "storage_unavailable"
 
 def storage_unavailable() -> RelayError:
     return RelayError(STORAGE_UNAVAILABLE, 503, "the database is unavailable; retry later")
+
+
+def busy() -> RelayError:
+    return RelayError("busy", 503, "the relay is busy; retry shortly")
+
+
+def _reason(exc: BaseException) -> str:
+    """A word for the log about why writes fail (the driver's message may name paths)."""
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    for word, reason in (("locked", "locked"), ("busy", "locked"), ("full", "full")):
+        if word in text:
+            return reason
+    if "i/o" in text or isinstance(exc, OSError):
+        return "io_error"
+    return type(getattr(exc, "orig", None) or exc).__name__
+
+
+class WriteHealth:
+    """Whether writes reach the database, from the outcome of the latest one.
+
+    While they fail, writers do not queue behind the write that is trying (each
+    would wait a busy timeout in turn): they are answered ``storage_unavailable``
+    at once, and ``/readyz`` says not ready. The next write after that one, or
+    the probe ``/readyz`` makes, finds out whether the database is back.
+    """
+
+    #: Least time between two probes that ``/readyz`` makes while writes fail.
+    PROBE_INTERVAL = 1.0
+
+    def __init__(self) -> None:
+        self.failing_since: float | None = None
+        self.last_probe = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self.failing_since is not None
+
+    def failed(self, exc: BaseException) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            log.warning("storage.writes_failing", reason=_reason(exc))
+
+    def succeeded(self) -> None:
+        if self.failing_since is not None:
+            took = time.monotonic() - self.failing_since
+            self.failing_since = None
+            log.info("storage.writes_recovered", after_seconds=round(took, 1))
+
+    def probe_due(self) -> bool:
+        now = time.monotonic()
+        if not self.failing or now - self.last_probe < self.PROBE_INTERVAL:
+            return False
+        self.last_probe = now
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """The storage limits the stores enforce themselves (see the settings of the
+    same names)."""
+
+    max_room_bytes: int = 256 * 1024 * 1024
+    max_mailbox_per_sender: int = 200
+    state_cache_entries: int = 100_000
 
 
 @dataclass(slots=True)
@@ -126,13 +197,19 @@ class Batcher:
         max_jobs: int,
         lock: asyncio.Lock | None = None,
         on_commit: Callable[[int, float], None] | None = None,
+        depth: int = 4096,
+        health: WriteHealth | None = None,
     ) -> None:
         self._sessions = sessions
+        self.health = health or WriteHealth()
+        self._committing = False
         self.on_commit = on_commit
         self._window = window
         self._max = max_jobs
         self._lock = lock
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        # Bounded: a full queue answers `busy` at once, rather than holding every
+        # waiting writer's data in memory behind a slow or stuck disk.
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(depth)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -149,8 +226,15 @@ class Batcher:
                 job.future.set_exception(RelayError("shutting_down", 503))
 
     async def submit(self, run: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        if self.health.failing and self._committing:
+            # The write in progress finds out whether the database is back; queueing
+            # behind it would answer this one a busy timeout late, for nothing.
+            raise storage_unavailable()
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(run, future))
+        try:
+            self._queue.put_nowait(_Job(run, future))
+        except asyncio.QueueFull:
+            raise busy() from None
         return await future
 
     async def _loop(self) -> None:
@@ -167,7 +251,11 @@ class Batcher:
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
             started = time.monotonic()
-            await self._commit(jobs)
+            self._committing = True
+            try:
+                await self._commit(jobs)
+            finally:
+                self._committing = False
             if self.on_commit is not None:
                 self.on_commit(len(jobs), time.monotonic() - started)
 
@@ -188,6 +276,11 @@ class Batcher:
         except Exception as exc:
             if len(jobs) == 1 or unavailable(exc):
                 # Nothing was committed: every caller gets a clear error, nobody hangs.
+                if unavailable(exc):
+                    self.health.failed(exc)
+                    # What queued behind this write would only wait to fail the same way.
+                    while not self._queue.empty():
+                        jobs.append(self._queue.get_nowait())
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(storage_unavailable())
@@ -195,6 +288,7 @@ class Batcher:
             for job in jobs:
                 await self._commit([job])
             return
+        self.health.succeeded()
         for job, ok, value in results:
             if job.future.done():
                 continue
@@ -220,8 +314,11 @@ class BaseStore:
         batch_max: int,
         clock: Callable[[], float] = time.time,
         on_commit: Callable[[int, float], None] | None = None,
+        write_queue_depth: int = 4096,
+        quotas: Quotas | None = None,
     ) -> None:
         self.engine = engine
+        self.quotas = quotas or Quotas()
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
@@ -232,25 +329,49 @@ class BaseStore:
             if self.is_sqlite
             else self.sessions
         )
+        self.health = WriteHealth()
         self.batcher = Batcher(
-            self.writing, batch_window, batch_max, self._write_lock, on_commit=on_commit
+            self.writing,
+            batch_window,
+            batch_max,
+            self._write_lock,
+            on_commit=on_commit,
+            depth=write_queue_depth,
+            health=self.health,
         )
         self.clock = clock
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A read-write transaction (serialised with other writers on SQLite)."""
-        async with (
-            self._write_lock if self._write_lock else contextlib.nullcontext(),
-            self.writing() as session,
-            session.begin(),
-        ):
-            yield session
+        """A read-write transaction (serialised with other writers on SQLite).
+
+        A database that cannot be reached is :func:`storage_unavailable` (a
+        :class:`RelayError`, so it is answered, not logged as a crash)."""
+        if self.health.failing and self._write_lock is not None and self._write_lock.locked():
+            raise storage_unavailable()  # see WriteHealth: no queue behind a stuck write
+        try:
+            async with (
+                self._write_lock if self._write_lock else contextlib.nullcontext(),
+                self.writing() as session,
+                session.begin(),
+            ):
+                yield session
+        except Exception as exc:
+            if isinstance(exc, RelayError) or not unavailable(exc):
+                raise
+            self.health.failed(exc)
+            raise storage_unavailable() from exc
+        self.health.succeeded()
 
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:
-        async with self.sessions() as session:
-            yield session
+        try:
+            async with self.sessions() as session:
+                yield session
+        except Exception as exc:
+            if isinstance(exc, RelayError) or not unavailable(exc):
+                raise
+            raise storage_unavailable() from exc
 
     async def start(self) -> None:
         self.batcher.start()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..errors import RelayError
@@ -66,6 +67,19 @@ class HousekeepingStore(BaseStore):
             raise
         return True
 
+    async def probe_write(self, timeout: float = 3.0) -> bool:
+        """Whether a write reaches the database: a throwaway nonce inserted and deleted
+        in one committed transaction (for ``/readyz`` while writes fail)."""
+        nonce = secrets.token_bytes(16)
+        try:
+            async with asyncio.timeout(timeout), self.transaction() as session:
+                session.add(SeenNonce(nonce=nonce, expires_at=0))
+                await session.flush()
+                await session.execute(delete(SeenNonce).where(SeenNonce.nonce == nonce))
+        except Exception:
+            return False
+        return True
+
     # --- retention and statistics ---------------------------------------------------
 
     async def purge(self, now: float | None = None) -> dict[str, int]:
@@ -79,6 +93,24 @@ class HousekeepingStore(BaseStore):
             return column + retention < at
 
         async with self.transaction() as session:
+            # Each room's byte count goes down by what is deleted from it, in the
+            # same transaction (the quota in messages.py reads the count).
+            freed = await session.execute(
+                select(RoomMessage.room_id, func.sum(func.length(RoomMessage.data)))
+                .where(lapsed(RoomMessage.created_at, RoomMessage.room_id))
+                .group_by(RoomMessage.room_id)
+            )
+            for room_id, size in freed.all():
+                spent = int(size or 0)
+                await session.execute(
+                    update(Room)
+                    .where(Room.id == room_id)
+                    .values(
+                        stored_bytes=case(
+                            (Room.stored_bytes > spent, Room.stored_bytes - spent), else_=0
+                        )
+                    )
+                )
             messages = await session.execute(
                 delete(RoomMessage).where(lapsed(RoomMessage.created_at, RoomMessage.room_id))
             )

@@ -55,6 +55,19 @@ class MailboxStore(BaseStore):
             )
             if current != (1 if sender == recipient else 2):
                 raise RelayError("not_authorized", 403, "both ends must be members of the room")
+            # Each sender has its own share of the recipient's mailbox, so one member
+            # filling it (as an attack, or a client stuck in a loop) cannot refuse
+            # everyone else's pairwise messages, sender-key distributions among them.
+            # Counted on the (recipient, sender, client_id) unique index.
+            mine = await session.scalar(
+                select(func.count())
+                .select_from(MailboxItem)
+                .where(MailboxItem.recipient == recipient, MailboxItem.sender == sender)
+            )
+            if (mine or 0) >= self.quotas.max_mailbox_per_sender:
+                raise RelayError(
+                    "mailbox_full", 429, "your share of the recipient's mailbox is full"
+                )
             depth = await session.scalar(
                 select(func.count())
                 .select_from(MailboxItem)

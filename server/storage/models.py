@@ -8,7 +8,7 @@ coarse (rounded down to ``TIME_GRANULARITY`` seconds).
 
 from __future__ import annotations
 
-from sqlalchemy import Index, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import BigInteger, Index, Integer, LargeBinary, String, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 TIME_GRANULARITY = 60
@@ -33,9 +33,15 @@ class Room(Base):
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     retention_seconds: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[int] = mapped_column(Integer)
-    # The validated RoomState after the head (RoomState.to_bytes), so that an
-    # append is checked against it without replaying the whole log.
+    # A checkpoint of the validated RoomState (RoomState.to_bytes) after the first
+    # ``state_len`` events. Encoding the state costs time linear in its size, so it
+    # is rewritten only now and then; an instance without the head state in memory
+    # replays the few events after the checkpoint (see rooms.py).
     state: Mapped[bytes] = mapped_column(LargeBinary)
+    state_len: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # Ciphertext bytes of the room's stored messages, kept in the transaction of
+    # every insert and purge, so the room's quota is checked without a scan.
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
 
 
 class LogEvent(Base):

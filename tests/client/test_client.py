@@ -139,7 +139,10 @@ async def test_queued_send_goes_before_a_newer_one(
     assert not [w for w in ann.lines(ann_room) if w.kind == "warning"]
 
 
-async def test_one_time_prekeys_are_replenished(people: People) -> None:
+async def test_one_time_prekeys_are_replenished(people: People, relay: RelayServer) -> None:
+    # One claimer stands in for many peers below; on its own it would meet the relay's
+    # per-target claim budget (rate_prekey_claims_per_target) first.
+    relay.app.state.limits.define("prekey_claims_per_target", "1000/minute")
     fac, room, joined = await room_with(people, "ann")
     http = fac.http(room.relay)
     member = room.key.public

@@ -3,14 +3,17 @@ the order they were sealed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from backchannel.client.core import Client, Room
 from backchannel.client.outbox import Outbox
 from backchannel.protocol import primitives as P
 from backchannel.protocol import roomlog as L
 from backchannel.protocol.encoding import encode
 from backchannel.protocol.envelope import RoomEnvelope
+from backchannel.server.config import Settings
 from tests.client.helpers import People, heard, online, room_with
-from tests.server.helpers import RelayServer
+from tests.server.helpers import FakeClock, RelayServer
 
 
 def seal(client: Client, room: Room, text: str) -> bytes:
@@ -70,3 +73,34 @@ async def test_flush_sends_in_sealing_order_and_empties_the_outbox(
     await online(ann, ann_room)
     assert heard(ann, ann_room) == texts
     assert not [w for w in ann.lines(ann_room) if w.kind == "warning" and "replayed" in w.text]
+
+
+async def test_a_loaded_relay_is_waited_for_not_given_up_on(tmp_path: Path) -> None:
+    """Past the relay's send budget the relay answers `rate_limited` (and with a
+    full write queue `busy`): the outbox waits, with jitter, and tries again, so a
+    burst well past the budget all arrives, in order."""
+    clock = FakeClock()
+    relay = RelayServer(
+        Settings(
+            data_dir=tmp_path,
+            database_url=f"sqlite+aiosqlite:///{tmp_path}/loaded.db",
+            key_burst=3,
+            key_messages_per_second=10.0,
+        ),
+        clock,
+    ).start()
+    people = People(tmp_path, relay, clock)
+    try:
+        fac = people.new("fac")
+        room = await fac.create_room("t", L.Rules())
+        async with fac.connect([room]) as sock:
+            sealed = [seal(fac, room, f"m{n}") for n in range(12)]
+            for data in sealed:
+                cid = P.random_bytes(16)
+                fac.outbox.queue(room, cid, data)
+                await fac.outbox.send(sock, room, cid, data)
+        assert stored_on_relay(relay, room) == sealed
+        assert fac.outbox.pending() == []
+    finally:
+        await people.close()
+        relay.stop()

@@ -85,3 +85,19 @@ def test_a_relays_error_detail_reaches_the_terminal_inert(
     for bad in ("\x1b", "\x07", "\u2028", "\u202e"):
         assert bad not in printed
     assert printed.startswith("error: <U+001B>[2J")
+
+
+def test_json_output_is_inert_on_a_terminal_and_decodes_to_the_exact_text() -> None:
+    """The JSON outputs (``read --json``, ``export --format json``, whose title is a
+    member's text) keep every string exactly as sent, yet ``cat`` of the file acts on
+    no terminal: C1 controls, bidi overrides, line separators, tag characters and
+    fillers are written as ``\\u`` escapes."""
+    import json
+
+    from backchannel.client.render import json_text
+
+    hostile = "T\u009b2J\u202eitle\u2028\U000e0041\u3164\x1b]52;c;eA==\x07 ok é"
+    out = json_text({"title": hostile, "n": [1, 2]}, indent=1)
+    assert json.loads(out) == {"title": hostile, "n": [1, 2]}
+    assert all(inert(ch) == ch for ch in out if ch != "\n"), out
+    assert "é" in out  # ordinary text stays readable

@@ -29,7 +29,7 @@ import httpx
 
 from backchannel.protocol.keys import MemberKeyPair
 from tests.faults.procs import RelayProcess
-from tests.server.helpers import TestRoom, WSClient
+from tests.server.helpers import TestRoom, WSClient, signed_headers
 
 #: The honest p99 during an attack may be this many times its no-attack p99 ...
 SLOWDOWN = 10.0
@@ -63,6 +63,16 @@ class DosRelay(RelayProcess):
         assert self.proc is not None
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
+    def open_sockets(self) -> int:
+        """Sockets the relay process holds open (listening ones included)."""
+        assert self.proc is not None
+        fds = Path(f"/proc/{self.proc.pid}/fd")
+        count = 0
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                count += os.readlink(fd).startswith("socket:")
+        return count
+
 
 def p99(samples: list[float]) -> float:
     ordered = sorted(samples)
@@ -88,9 +98,9 @@ class Honest:
         await honest.connect()
         return honest
 
-    async def connect(self) -> None:
+    async def connect(self, after: int = 0) -> None:
         self.ws = await WSClient.connect(self.relay, [self.key])  # type: ignore[arg-type]
-        await self.ws.send_frame("sub", room=self.room.id, after=0)
+        await self.ws.send_frame("sub", room=self.room.id, after=after)
         await self.ws.expect("synced", timeout=30)
 
     async def probe(self, n: int = 40, gap: float = 0.06, timeout: float = 30.0) -> list[float]:
@@ -104,7 +114,10 @@ class Honest:
             started = time.monotonic()
             try:
                 await self.ws.send_frame(
-                    "send", room=self.room.id, from_=self.key.public.sign, cid=cid,
+                    "send",
+                    room=self.room.id,
+                    from_=self.key.public.sign,
+                    cid=cid,
                     data=os.urandom(512),
                 )
                 reply = await self.ws.expect_reply("sent", cid, timeout=timeout)
@@ -122,10 +135,13 @@ class Honest:
     async def rest_probe(self, n: int = 20, timeout: float = 30.0) -> list[float]:
         """Latencies of reading the room's log over REST (the HTTP side)."""
         out: list[float] = []
+        path = f"/v1/rooms/{self.room.id.hex()}/events"
         for _ in range(n):
             started = time.monotonic()
             try:
-                r = await self.http.get(f"/v1/rooms/{self.room.id.hex()}/events", timeout=timeout)
+                # Reading the log is for members only: unsigned, every probe would be a 401.
+                headers = signed_headers(self.key, self.relay.origin, "GET", path)
+                r = await self.http.get(path, headers=headers, timeout=timeout)
                 out.append(time.monotonic() - started if r.status_code == 200 else timeout)
             except httpx.HTTPError:
                 out.append(timeout)
@@ -153,8 +169,13 @@ class Attacker:
     :meth:`report` waits for it."""
 
     def __init__(self, name: str, relay: DosRelay, seconds: float, **params: Any) -> None:
-        args = {"url": relay.url, "ws_url": relay.ws_url, "origin": relay.origin,
-                "seconds": seconds, **params}
+        args = {
+            "url": relay.url,
+            "ws_url": relay.ws_url,
+            "origin": relay.origin,
+            "seconds": seconds,
+            **params,
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.dos.attacks", name, json.dumps(args)],
             cwd=ROOT,
@@ -182,7 +203,9 @@ class Attacker:
 
 
 @contextlib.asynccontextmanager
-async def attack(name: str, relay: DosRelay, seconds: float, **params: Any) -> AsyncIterator[Attacker]:
+async def attack(
+    name: str, relay: DosRelay, seconds: float, **params: Any
+) -> AsyncIterator[Attacker]:
     attacker = Attacker(name, relay, seconds, **params)
     try:
         yield attacker

@@ -43,6 +43,7 @@ class RelayProcess:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BACKCHANNEL_RELAY_")}
         self.env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
+        self.env["BACKCHANNEL_RELAY_ADMIN_PORT"] = "0"  # relays run side by side
         self.env.update({f"BACKCHANNEL_RELAY_{k.upper()}": v for k, v in settings.items()})
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0

@@ -50,6 +50,11 @@ def relay(tmp_path: Path) -> Iterator[RelayServer]:
             database_url=f"sqlite+aiosqlite:///{tmp_path}/relay.db",
             rate_messages_per_second=10000,
             rate_burst=10000,
+            key_burst=10000,
+            frame_burst=10000,
+            max_inflight_writes=10000,
+            frame_rate_per_second=10000,
+            key_messages_per_second=10000,
         )
     ).start()
     yield server

@@ -11,9 +11,10 @@ is held:
   500, no crash and no closed connection; after the release the same connection sends
   again, and the relay holds exactly the messages it acknowledged.
 
-SQLite's busy timeout in the relay is 30 s (hard-coded in ``make_engine``); the long-lock
-test scales it down to 0.5 s by adding ``PRAGMA busy_timeout`` to the relay's engine, so
-it runs in seconds. The read-only variant cannot be made here: the tests run as root, for
+SQLite's busy timeout in the relay is the ``sqlite_busy_timeout_ms`` setting (0.5 s by
+default, so a long lock is answered at once rather than k x 30 s late; see also
+tests/dos/test_storage.py); the short-lock test raises it to 5 s so that its 1.5 s lock
+is "short". The read-only variant cannot be made here: the tests run as root, for
 whom file modes do not make a database read-only.
 """
 
@@ -29,9 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import event
 
-import backchannel.server.app as relay_app
 from backchannel.protocol import roomlog
 from backchannel.server.config import Settings
 from tests.server.helpers import RelayServer, TestRoom, WSClient, b64e, now, signed_get
@@ -65,28 +64,14 @@ def start_relay(tmp_path: Path, **overrides: Any) -> RelayServer:
             database_url=f"sqlite+aiosqlite:///{tmp_path}/relay.db",
             rate_messages_per_second=1000,
             rate_burst=1000,
+            key_burst=1000,
+            frame_burst=1000,
+            max_inflight_writes=1000,
+            frame_rate_per_second=1000,
+            key_messages_per_second=1000,
             **overrides,
         )
     ).start()
-
-
-@pytest.fixture
-def short_busy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The relay's engine with a 0.5 s SQLite busy timeout instead of 30 s."""
-    original = relay_app.make_engine
-
-    def make_engine(url: str) -> Any:
-        engine = original(url)
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _busy(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute(f"PRAGMA busy_timeout={BUSY_MS}")
-            cur.close()
-
-        return engine
-
-    monkeypatch.setattr(relay_app, "make_engine", make_engine)
 
 
 @pytest.fixture
@@ -110,7 +95,7 @@ async def replayed(client: WSClient, room: bytes, count: int) -> dict[int, bytes
 
 
 async def test_short_lock_only_delays(tmp_path: Path, relays: list[RelayServer]) -> None:
-    relay = start_relay(tmp_path)
+    relay = start_relay(tmp_path, sqlite_busy_timeout_ms=5000)
     relays.append(relay)
     async with httpx.AsyncClient(base_url=relay.url, timeout=20) as http:
         room = await TestRoom.create(http)
@@ -136,9 +121,9 @@ async def test_short_lock_only_delays(tmp_path: Path, relays: list[RelayServer])
 
 
 async def test_long_lock_gives_typed_errors_then_recovers(
-    tmp_path: Path, relays: list[RelayServer], short_busy: None
+    tmp_path: Path, relays: list[RelayServer]
 ) -> None:
-    relay = start_relay(tmp_path)
+    relay = start_relay(tmp_path, sqlite_busy_timeout_ms=BUSY_MS)
     relays.append(relay)
     async with httpx.AsyncClient(base_url=relay.url, timeout=20) as http:
         room = await TestRoom.create(http)

@@ -95,6 +95,11 @@ def relay(tmp_path: Path):  # type: ignore[no-untyped-def]
         tmp_path,
         rate_messages_per_second="100000",
         rate_burst="100000",
+        key_burst="100000",
+        frame_burst="100000",
+        max_inflight_writes="100000",
+        frame_rate_per_second="100000",
+        key_messages_per_second="100000",
         purge_interval_seconds="3600",
     )
     proc.start()

@@ -45,9 +45,16 @@ def relay(tmp_path: Path) -> Iterator[RelayServer]:
             database_url=f"sqlite+aiosqlite:///{tmp_path}/relay.db",
             max_connections_per_address=2 * (RAW + UNAUTHENTICATED + NON_READERS),
             auth_timeout_seconds=120,
+            max_unsettled_per_address=2 * (RAW + UNAUTHENTICATED + NON_READERS),
+            setup_window_seconds=120,
             send_queue_depth=64,
             rate_messages_per_second=1000,
             rate_burst=1000,
+            key_burst=1000,
+            frame_burst=1000,
+            max_inflight_writes=1000,
+            frame_rate_per_second=1000,
+            key_messages_per_second=1000,
         )
     ).start()
     yield server

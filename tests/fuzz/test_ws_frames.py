@@ -114,6 +114,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             max_frame_bytes=MAX_FRAME,
             rate_messages_per_second=1000,
             rate_burst=1000,
+            key_burst=1000,
+            frame_burst=1000,
+            max_inflight_writes=1000,
+            frame_rate_per_second=1000,
+            key_messages_per_second=1000,
         )
     ).start()
     errors: list[dict[str, Any]] = []

@@ -137,6 +137,11 @@ async def cluster(postgres_url: str, redis_url: str, tmp_path: Path) -> AsyncIte
             "redis_channel": channel,
             "catch_up_interval_seconds": 30.0,
             "rate_burst": 1000,
+            "key_burst": 1000,
+            "frame_burst": 1000,
+            "max_inflight_writes": 1000,
+            "frame_rate_per_second": 1000,
+            "key_messages_per_second": 1000,
             "rate_messages_per_second": 1000.0,
         }
         values.update(overrides)

@@ -33,8 +33,9 @@ from backchannel.protocol.keys import (
     generate_kem_prekey,
     generate_x25519_prekey,
 )
+from backchannel.server.admin import create_admin_app
 from backchannel.server.app import create_app
-from backchannel.server.cli import bind, uvicorn_config
+from backchannel.server.cli import admin_uvicorn_config, bind, serve_together, uvicorn_config
 from backchannel.server.config import Settings
 from backchannel.server.rest.auth import b64d, b64e
 
@@ -64,14 +65,19 @@ class RelayServer:
         self.clock = clock or FakeClock()
         self.app = create_app(self.settings, clock=self.clock)
         self.server = uvicorn.Server(uvicorn_config(self.app, self.settings))
+        # The operator listener (/metrics, /openapi.json), as `serve` runs it.
+        self.admin_sock = bind("127.0.0.1", 0)
+        self.admin_port = self.admin_sock.getsockname()[1]
+        self.admin = uvicorn.Server(admin_uvicorn_config(create_admin_app(self.app), self.settings))
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def _run(self) -> None:
         self.loop = asyncio.new_event_loop()
+        servers = [(self.server, self.sock), (self.admin, self.admin_sock)]
         # SystemExit is uvicorn's answer to a failed start-up (the lifespan raised).
         with contextlib.suppress(SystemExit):
-            self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+            self.loop.run_until_complete(serve_together(servers))
 
     @property
     def url(self) -> str:
@@ -80,6 +86,10 @@ class RelayServer:
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/v1/ws"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
 
     @property
     def origin(self) -> str:
@@ -96,7 +106,7 @@ class RelayServer:
     def start(self) -> RelayServer:
         self.thread.start()
         deadline = time.monotonic() + 15
-        while not self.server.started:
+        while not (self.server.started and self.admin.started):
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("relay did not start")
@@ -105,8 +115,10 @@ class RelayServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
+        self.admin.should_exit = True
         self.thread.join(15)
         self.sock.close()
+        self.admin_sock.close()
 
     async def astop(self) -> None:
         await asyncio.to_thread(self.stop)

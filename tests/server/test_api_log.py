@@ -20,8 +20,9 @@ async def test_health(http: httpx.AsyncClient) -> None:
     assert (await http.get("/readyz")).status_code == 200
 
 
-async def test_openapi_documents_routes(http: httpx.AsyncClient) -> None:
-    paths = (await http.get("/openapi.json")).json()["paths"]
+async def test_openapi_documents_routes(relay: RelayServer) -> None:
+    async with httpx.AsyncClient(base_url=relay.admin_url) as operator:
+        paths = (await operator.get("/openapi.json")).json()["paths"]
     for path in (
         "/v1/rooms",
         "/v1/rooms/{room_id}/events",

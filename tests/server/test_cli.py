@@ -34,6 +34,7 @@ def free_port() -> int:
 def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKCHANNEL_RELAY_")}
     env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
+    env["BACKCHANNEL_RELAY_ADMIN_PORT"] = "0"  # tests run side by side
     env.update(extra)
     return env
 

@@ -18,6 +18,7 @@ import typer
 import yaml
 
 from backchannel.server import config_doc
+from backchannel.server.admin import create_admin_app
 from backchannel.server.app import create_app
 from backchannel.server.cli import app as cli_app
 from backchannel.server.config import Settings
@@ -103,8 +104,9 @@ def test_dockerfile_matches_the_code() -> None:
     assert "8470" in health
     path = re.search(r"/healthz\b", health)
     assert path is not None
-    routes = set(create_app(defaults).openapi()["paths"])
-    assert {"/healthz", "/readyz", "/metrics"} <= routes
+    public = create_app(defaults)
+    assert {"/healthz", "/readyz"} <= set(public.openapi()["paths"])
+    assert "/metrics" in create_admin_app(public).openapi()["paths"]
     # Configuration by environment only: no config file is baked in.
     assert "CONFIG" not in " ".join(env)
     assert not any(
@@ -131,9 +133,18 @@ def test_compose_matches_the_code() -> None:
         service = services[name]
         assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         assert "command" not in service  # the image's `serve --host 0.0.0.0`
+        defaults = Settings(data_dir=Path("/x"))
         for mapping in service["ports"]:
             assert mapping.startswith("127.0.0.1:")
-            assert mapping.endswith(f":{Settings(data_dir=Path('/x')).port}")
+        inside = {mapping.rsplit(":", 1)[1] for mapping in service["ports"]}
+        assert inside == {str(defaults.port), str(defaults.admin_port)}
+    # The relays believe X-Forwarded-For from Docker's forwarding hop only: the gateway
+    # of the network the file itself fixes.
+    gateways = {c["gateway"] for c in compose["networks"]["default"]["ipam"]["config"]}
+    for name in ("relay1", "relay2"):
+        env = services[name]["environment"]
+        trusted = Settings(data_dir=Path("/x"), trusted_proxies=env[f"{PREFIX}TRUSTED_PROXIES"])
+        assert set(trusted.trusted_proxies) == gateways
     assert "--save" in services["redis"]["command"]
 
 

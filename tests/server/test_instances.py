@@ -28,7 +28,16 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def two(relay_factory: RelayFactory) -> tuple[RelayServer, RelayServer]:
-    fast = {"rate_burst": 1000, "rate_messages_per_second": 1000.0, "batch_max": 16}
+    fast = {
+        "rate_burst": 1000,
+        "key_burst": 1000,
+        "frame_burst": 1000,
+        "max_inflight_writes": 1000,
+        "frame_rate_per_second": 1000,
+        "key_messages_per_second": 1000,
+        "rate_messages_per_second": 1000.0,
+        "batch_max": 16,
+    }
     return relay_factory(**fast), relay_factory(**fast)
 
 

@@ -8,8 +8,14 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import RelayFactory
-from .helpers import TestRoom, WSClient, signed_get
+from .helpers import RelayServer, TestRoom, WSClient, signed_get
 from .test_privacy import _spellings
+
+
+async def metrics_of(relay: RelayServer) -> httpx.Response:
+    """``/metrics`` from the operator listener, the only place it is served by default."""
+    async with httpx.AsyncClient(base_url=relay.admin_url) as ops:
+        return await ops.get("/metrics")
 
 
 def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -29,7 +35,7 @@ def value(
 async def test_metrics_move_with_traffic_and_name_nothing(relay_factory: RelayFactory) -> None:
     relay = relay_factory()
     async with httpx.AsyncClient(base_url=relay.url) as http:
-        before = scrape((await http.get("/metrics")).text)
+        before = scrape((await metrics_of(relay)).text)
         assert value(before, "backchannel_relay_connections") == 0
         room = await TestRoom.create(http)
         bob = await room.add_member()
@@ -37,7 +43,7 @@ async def test_metrics_move_with_traffic_and_name_nothing(relay_factory: RelayFa
         b = await WSClient.connect(relay, [bob])
         await b.send_frame("sub", room=room.id, after=0)
         await b.expect("synced")
-        during = scrape((await http.get("/metrics")).text)
+        during = scrape((await metrics_of(relay)).text)
         assert value(during, "backchannel_relay_connections") == 2
         for i in range(5):
             await a.send_msg(room.id, room.facilitator, b"%d" % i + os.urandom(100))
@@ -61,7 +67,7 @@ async def test_metrics_move_with_traffic_and_name_nothing(relay_factory: RelayFa
         assert r.status_code == 403
         await a.close()
         await b.close()
-        response = await http.get("/metrics")
+        response = await metrics_of(relay)
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
     after = scrape(text)
@@ -89,5 +95,4 @@ async def test_metrics_move_with_traffic_and_name_nothing(relay_factory: RelayFa
 
 async def test_metrics_can_be_turned_off(relay_factory: RelayFactory) -> None:
     relay = relay_factory(metrics_enabled=False)
-    async with httpx.AsyncClient(base_url=relay.url) as http:
-        assert (await http.get("/metrics")).status_code == 404
+    assert (await metrics_of(relay)).status_code == 404

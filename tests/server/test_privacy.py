@@ -22,7 +22,19 @@ REDIS_ENV = "BACKCHANNEL_TEST_REDIS_URL"
 #: Every column the relay stores. A new one must be reviewed against DESIGN.md §4
 #: ("only what routing needs") before it is added here.
 EXPECTED_SCHEMA = {
-    "rooms": {"id", "head", "log_len", "last_seq", "retention_seconds", "created_at", "state"},
+    # state_len: how many events the state checkpoint covers; stored_bytes: the sum of
+    # the room's ciphertext sizes, which the data columns show anyway (issue 12 quota).
+    "rooms": {
+        "id",
+        "head",
+        "log_len",
+        "last_seq",
+        "retention_seconds",
+        "created_at",
+        "state",
+        "state_len",
+        "stored_bytes",
+    },
     "log_events": {"room_id", "pos", "hash", "data"},
     "room_members": {"room_id", "member", "dh", "role", "left_pos"},
     "room_messages": {"room_id", "seq", "sender", "client_id", "data", "created_at"},
@@ -97,7 +109,8 @@ async def test_logs_and_database_carry_no_ids_keys_or_addresses(
         await room.remove(bob)
         await b.expect("removed")
         await asyncio.sleep(0.5)  # a few catch-up ticks
-        ops = (await http.get("/metrics")).text + (await http.get("/readyz")).text
+        async with httpx.AsyncClient(base_url=relay.admin_url) as operator:
+            ops = (await operator.get("/metrics")).text + (await http.get("/readyz")).text
         await a.close()
         await b.close()
     await relay.astop()

@@ -174,9 +174,24 @@ async def test_a_repeated_signature_is_refused_before_any_is_checked(
     monkeypatch.setattr(relayauth, "verify_challenge", counting)
     client = await WSClient.connect(relay)
     sig = relayauth.sign_challenge(a.sign_seed, client.origin, client.nonce)
-    await client.send_frame("auth", keys=[{"key": a.public.sign, "sig": sig}] * 200)
+    await client.send_frame("auth", keys=[{"key": a.public.sign, "sig": sig}] * 60)
     assert (await client.expect("error"))["code"] == "duplicate_keys"
     assert checked == []
     await client.auth([a])  # the connection may still authenticate properly
     assert checked == [a.public.sign]
     await client.close()
+
+
+async def test_a_large_frame_before_authentication_is_refused_unread(
+    relay: RelayServer,
+) -> None:
+    """Before authentication only an auth frame is expected, and one for
+    ``max_keys_per_connection`` keys is small: anything larger is refused by its
+    length and the connection closed (the 1,024-copy frame of the report is 111 KB,
+    and decoding it took 24 ms)."""
+    a = MemberKeyPair.generate()
+    client = await WSClient.connect(relay)
+    sig = relayauth.sign_challenge(a.sign_seed, client.origin, client.nonce)
+    await client.send_frame("auth", keys=[{"key": a.public.sign, "sig": sig}] * 1024)
+    assert (await client.expect("error"))["code"] == "frame_too_large"
+    await closed_with(lambda: client.recv(timeout=5))

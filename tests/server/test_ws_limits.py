@@ -150,6 +150,11 @@ async def test_slow_consumer_is_dropped_alone(relay_factory: RelayFactory) -> No
         send_queue_depth=40,
         batch_max=4,
         rate_burst=1000,
+        key_burst=1000,
+        frame_burst=1000,
+        max_inflight_writes=1000,
+        frame_rate_per_second=1000,
+        key_messages_per_second=1000,
         rate_messages_per_second=1000.0,
         max_message_bytes=128 * 1024,
     )

@@ -1,0 +1,80 @@
+"""The WebSocket protocol the relay runs under uvicorn: uvicorn's own, with fragments bounded.
+
+The ``websockets`` parser bounds a message's payload bytes across fragments
+(``ws_max_size``), but uvicorn keeps every fragment as its own ``bytes`` in a
+list until the last one: empty or one-byte continuation frames add nothing to
+the payload count and about 40 bytes of memory each, so a stranger could hold
+tens of MiB per connection just under the size limit. Here every fragment
+counts from the first, a message may have at most ``max_fragments`` of them,
+and an empty continuation is refused (no client of ours sends one).
+
+When the application is done with a connection whose peer stopped reading,
+the socket is aborted rather than closed: asyncio's ``close`` waits for the
+write buffer to drain, which for such a peer is never.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
+
+#: How long a refused peer's frames are read and discarded before its socket closes.
+LINGER_SECONDS = 1.0
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+
+
+class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
+    max_fragments = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fragments = 0
+
+    def _refuse(self, code: int, reason: str) -> None:
+        self.frames = []
+        # Close frame out, the rest of what the peer sends discarded, the socket
+        # closed a moment later: closing it at once, with the peer's frames still
+        # unread, would reset the connection and lose the close frame that says why.
+        self.conn.fail(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.close_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+    def handle_text(self, event: Frame) -> None:
+        self._fragments = 1
+        super().handle_text(event)
+
+    def handle_bytes(self, event: Frame) -> None:
+        self._fragments = 1
+        super().handle_bytes(event)
+
+    def handle_cont(self, event: Frame) -> None:
+        if self.close_sent:
+            return
+        if not event.data:
+            self._refuse(CLOSE_POLICY, "empty continuation frame")
+            return
+        self._fragments += 1
+        if self._fragments > self.max_fragments:
+            self._refuse(CLOSE_TOO_BIG, "too many fragments")
+            return
+        super().handle_cont(event)
+
+    async def run_asgi(self) -> None:
+        await super().run_asgi()
+        if not self.writable.is_set():
+            # The application is done with a peer that stopped reading: a plain
+            # close (even one already begun) waits, socket and buffer held, for
+            # it to read again.
+            self.transport.abort()
+
+
+def bounded_protocol(max_fragments: int) -> type[BoundedWebSocketProtocol]:
+    """The protocol class for uvicorn's ``ws=`` setting, with this relay's bound."""
+    return type(
+        "BoundedWebSocketProtocol", (BoundedWebSocketProtocol,), {"max_fragments": max_fragments}
+    )
