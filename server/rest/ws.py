@@ -311,6 +311,9 @@ class Connection(Writer):
         bucket = self.cpu if self.settled else self.stranger_cpu
         wait = bucket.spend(time.perf_counter() - started)
         if wait > 0:
+            if not self.throttled:
+                self.throttled = True
+                await self.error("rate_limited", "frames cost too much; reading slows down")
             await asyncio.sleep(wait)
 
     async def _authenticate(self) -> None:

@@ -38,8 +38,8 @@ async def test_room_creation_spam(dos_relay_factory: Callable[..., DosRelay]) ->
     try:
         base = await honest.probe()
         idle, disk = relay.rss(), disk_usage(relay.data_dir)
-        async with attack("room_spam", relay, seconds=8) as attacker:
-            during = await honest.probe(n=60)
+        async with attack("room_spam", relay, seconds=4) as attacker:
+            during = await honest.probe(n=30)
             grown = relay.rss() - idle
             report = await attacker.report()
         written = disk_usage(relay.data_dir) - disk
@@ -87,9 +87,9 @@ async def test_mailbox_fill_by_one_member(dos_relay_factory: Callable[..., DosRe
             "room": room.id.hex(),
             "victim": victim.public.sign.hex(),
         }
-        async with attack("mailbox_fill", relay, seconds=8, **params) as attacker:
+        async with attack("mailbox_fill", relay, seconds=4, **params) as attacker:
             await asyncio.sleep(2)
-            during = await honest.probe(n=30)
+            during = await honest.probe(n=20)
             grown = relay.rss() - idle
             client = await WSClient.connect(relay, [bob])  # type: ignore[arg-type]
             await client.send_frame("sub", room=room.id, after=0)
@@ -134,9 +134,9 @@ async def test_log_append_spam(dos_relay_factory: Callable[..., DosRelay]) -> No
     try:
         base = await honest.probe()
         idle = relay.rss()
-        async with attack("log_spam", relay, seconds=8, rooms=2) as attacker:
+        async with attack("log_spam", relay, seconds=4, rooms=2) as attacker:
             await asyncio.sleep(1)
-            during = await honest.probe(n=60)
+            during = await honest.probe(n=30)
             grown = relay.rss() - idle
             # The budget is the room's: the honest facilitator's own room is unaffected.
             event, _ = roomlog.make_invite(
