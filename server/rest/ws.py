@@ -113,6 +113,7 @@ class Connection(Writer):
         self.acks: set[int] = set()
         self.acking = False
         self.throttled = False
+        self.cpu_throttled = False
         #: The registry of unsettled connections this one is in while unsettled.
         self.unsettled: dict[Connection, None] = {}
         self.auth_frame_bytes = 512 + 128 * settings.max_keys_per_connection
@@ -311,10 +312,12 @@ class Connection(Writer):
         bucket = self.cpu if self.settled else self.stranger_cpu
         wait = bucket.spend(time.perf_counter() - started)
         if wait > 0:
-            if not self.throttled:
-                self.throttled = True
+            if not self.cpu_throttled:
+                self.cpu_throttled = True
                 await self.error("rate_limited", "frames cost too much; reading slows down")
             await asyncio.sleep(wait)
+        else:
+            self.cpu_throttled = False
 
     async def _authenticate(self) -> None:
         strikes = 0

@@ -156,6 +156,8 @@ class Honest:
 
 def assert_holds(base: list[float], during: list[float], what: str = "send") -> None:
     bound = max(SLOWDOWN * p99(base), FLOOR)
+    # Shown with -s: the figures for the closing note of each attack.
+    print(f"honest {what} p99 {p99(base) * 1000:.0f} -> {p99(during) * 1000:.0f} ms")
     assert p99(during) <= bound, (
         f"honest {what} p99 {p99(during) * 1000:.0f} ms during the attack, "
         f"bound {bound * 1000:.0f} ms (no-attack p99 {p99(base) * 1000:.1f} ms)"
