@@ -503,7 +503,7 @@ async def slow_readers(
 
     from backchannel.protocol.keys import MemberKeyPair
 
-    held = []
+    held = []  # kept referenced, so nothing closes them from this side
     for sign_seed, dh in seeds:
         key = MemberKeyPair.from_private(bytes.fromhex(sign_seed), bytes.fromhex(dh))
         for _ in range(4):
@@ -515,20 +515,10 @@ async def slow_readers(
             await ws.send(frame("sub", room=bytes.fromhex(room), after=0))
             held.append((ws, sock))
             counts["subscribed"] += 1
-    # Read nothing; just see whether the relay closes the sockets.
-    while True:
-        await asyncio.sleep(0.5)
-        closed = 0
-        for _ws, sock in held:
-            try:
-                sock.setblocking(False)
-                if sock.recv(1, socket.MSG_PEEK) == b"":
-                    closed += 1
-            except BlockingIOError:
-                pass
-            except OSError:
-                closed += 1
-        counts["closed"] = closed
+    # Read nothing. Whether the relay drops them is judged from its side
+    # (its open sockets), since these sockets' own buffers hide a close.
+    await asyncio.sleep(3600)
+    assert held
 
 
 @attack
