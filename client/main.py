@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from . import cli_daemon  # noqa: F401 - registers `daemon` on the app
 from .cli import OPTS, app, errors, passphrase
 from .core import Client
 from .store import Store

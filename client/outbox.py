@@ -103,11 +103,19 @@ class Outbox:
                     )
         except RelayError as exc:
             if permanent(exc.code):
-                with self.ctx.store.transaction():
-                    self._rows.delete(room.room_id + cid)
-                    self.transcript.warn(room, self._refused(exc.code, ts))
+                self.refused(room, cid, exc.code, ts)
             raise
         self._rows.delete(room.room_id + cid)
+
+    def forget(self, room: Room, cid: bytes) -> None:
+        """The relay stored it: it leaves the outbox (inside the caller's transaction)."""
+        self._rows.delete(room.room_id + cid)
+
+    def refused(self, room: Room, cid: bytes, code: str, ts: int | None) -> None:
+        """The relay will never take it: out of the outbox, and the user is told."""
+        with self.ctx.store.transaction():
+            self._rows.delete(room.room_id + cid)
+            self.transcript.warn(room, self._refused(code, ts))
 
     async def flush(self, sock: RelaySocket, rooms: list[Room]) -> None:
         """Send what was sealed and stored but never seen acknowledged.

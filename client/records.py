@@ -226,6 +226,9 @@ class PeerRecord(Record):
     name: str | None = None
     affiliation: str | None = None
     verified: bytes | None = None
+    #: Names it had before (UTF-8, oldest first, a few): one a command printed a
+    #: moment ago still names the member after its profile changed.
+    earlier: list[bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,9 @@ class LineRecord(Record):
     sender: bytes | None = None
     to: bytes | None = None
     about: bytes | None = None
+    #: The message's id (:func:`~.events.message_id`): absent for notices, warnings
+    #: and lines of earlier releases.
+    mid: bytes | None = None
 
 
 @dataclass(frozen=True)

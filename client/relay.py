@@ -196,6 +196,11 @@ class RelayHttp:
             ):
                 raise RelayError("protocol", "the relay's limits are malformed")
             cached = self._limits = {n: answer[n] for n in names}
+            # Added later: a relay of an earlier release does not say (its default).
+            inflight = answer.get("max_inflight_writes")
+            cached["max_inflight_writes"] = (
+                inflight if type(inflight) is int and inflight > 0 else 64
+            )
         return cached
 
 
@@ -340,10 +345,25 @@ class RelaySocket:
         self, kind: str, *, cid: bytes, timeout: float = 30, **fields: Value
     ) -> Frame:
         """Send a frame carrying ``cid`` and wait for the relay's answer to it."""
+        future = await self.submit(kind, cid=cid, **fields)
+        return await self.reply(cid, future, timeout=timeout)
+
+    async def submit(self, kind: str, *, cid: bytes, **fields: Value) -> asyncio.Future[Frame]:
+        """Send a frame carrying ``cid`` without waiting: many may be in flight at
+        once (the relay answers each by its cid); :meth:`reply` collects the answer."""
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._pending[cid] = future
         try:
             await self.send(kind, cid=cid, **fields)
+        except BaseException:
+            self._pending.pop(cid, None)
+            raise
+        return future
+
+    async def reply(
+        self, cid: bytes, future: asyncio.Future[Frame], *, timeout: float = 30
+    ) -> Frame:
+        try:
             async with asyncio.timeout(timeout):
                 frame = await future
         except TimeoutError as exc:

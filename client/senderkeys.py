@@ -83,6 +83,21 @@ class SenderKeys:
         self._out.put(room.room_id, out)
         return envelope
 
+    def seal_many(self, room: Room, bodies: list[bytes]) -> list[bytes]:
+        """:meth:`seal` for a batch: the key's state is stored once, after the last
+        (inside the caller's transaction, so the batch commits with it or not at all)."""
+        out = self.outbound(room)
+        envelopes = [out.seal(body, room.state.epoch) for body in bodies]
+        self._out.put(room.room_id, out)
+        return envelopes
+
+    def redistribute(self, room: Room) -> None:
+        """Hand our current key, and with it our profile, to every member again at the
+        next :meth:`distribute` (our name or affiliation changed)."""
+        record = self._dist.get(room.room_id)
+        if record is not None and record.to:
+            self._dist.put(room.room_id, DistributionRecord(generation=record.generation, to=[]))
+
     async def distribute(self, sock: RelaySocket, room: Room, profile: ProfileRecord) -> None:
         """Make sure every current member has our current sender key (and our profile)."""
         out = self.outbound(room)

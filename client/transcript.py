@@ -26,6 +26,8 @@ class Line:
     to: bytes | None = None
     #: The member a notice or warning is about: ``text`` then has ``{who}`` for its name.
     about: bytes | None = None
+    #: Room messages and sidebars: the id sender and receivers share (events.message_id).
+    mid: bytes | None = None
 
 
 class Transcript:
@@ -45,9 +47,12 @@ class Transcript:
         sender: bytes | None = None,
         to: bytes | None = None,
         about: bytes | None = None,
+        mid: bytes | None = None,
     ) -> None:
         now = self.ctx.now()
-        record = LineRecord(kind=kind, text=text, ts=now, sender=sender, to=to, about=about)
+        record = LineRecord(
+            kind=kind, text=text, ts=now, sender=sender, to=to, about=about, mid=mid
+        )
         expires = now + room.state.rules.retention
         n = self.ctx.store.add_message(room.room_id, record.to_bytes(), expires)
         if self.on_line is not None:
@@ -79,4 +84,5 @@ def _line(n: int, record: LineRecord, me: bytes) -> Line:
         mine=record.sender is not None and record.sender == me,
         to=record.to,
         about=record.about,
+        mid=record.mid,
     )

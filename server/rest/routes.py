@@ -142,6 +142,9 @@ class Limits(BaseModel):
     max_frame_bytes: int = Field(description="largest WebSocket frame")
     max_event_bytes: int = Field(description="largest room log event")
     max_mailbox_depth: int = Field(description="most unacknowledged pairwise items per key")
+    max_inflight_writes: int = Field(
+        description="most sends one connection may have waiting for their `sent` (past it: busy)"
+    )
 
 
 class ErrorBody(BaseModel):
@@ -169,6 +172,7 @@ async def limits(settings: SettingsDep) -> Any:
         "max_frame_bytes": settings.max_frame_bytes,
         "max_event_bytes": log_limits(settings).max_event_size,
         "max_mailbox_depth": settings.max_mailbox_depth,
+        "max_inflight_writes": settings.max_inflight_writes,
     }
 
 

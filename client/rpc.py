@@ -1,0 +1,101 @@
+"""The daemon's other end, for the commands: a blocking JSON-RPC client on its socket.
+
+A command that finds a daemon running for its profile asks it (no passphrase,
+no connection of its own); one that finds none opens the profile itself.
+A socket file nobody answers on (a daemon that was killed) counts as none.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .daemon import BUSY, OFFLINE, RELAY, socket_path
+from .errors import ClientError
+from .relay import RelayError
+
+#: Longest answer line read back (a `read` of a large room is the largest).
+MAX_ANSWER = 64 << 20
+
+
+class DaemonClient:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._file = sock.makefile("rb")
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def connect(cls, home: Path, timeout: float = 300.0) -> DaemonClient | None:
+        path = socket_path(home)
+        if not path.exists():
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            sock.close()
+            return None
+        return cls(sock)
+
+    def __enter__(self) -> DaemonClient:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def _line(self) -> dict[str, Any]:
+        raw = self._file.readline(MAX_ANSWER)
+        if not raw:
+            raise RelayError("disconnected", "the daemon closed the connection")
+        answer = json.loads(raw)
+        if not isinstance(answer, dict):
+            raise RelayError("protocol", "the daemon sent something unreadable")
+        return answer
+
+    def call(self, method: str, **params: Any) -> Any:
+        rid = next(self._ids)
+        request = {"jsonrpc": "2.0", "id": rid, "method": method, "params": params}
+        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            answer = self._line()
+            if answer.get("id") == rid:
+                break
+        error = answer.get("error")
+        if error is not None:
+            raise _as_exception(error)
+        return answer.get("result")
+
+    def notifications(self) -> Iterator[dict[str, Any]]:
+        """Notifications after a ``subscribe``, until the daemon drops us."""
+        while True:
+            answer = self._line()
+            if answer.get("method") == "line":
+                params = answer.get("params")
+                if isinstance(params, dict):
+                    yield params
+            elif answer.get("method") == "dropped":
+                raise RelayError("disconnected", "the daemon stopped following for us")
+
+
+def _as_exception(error: dict[str, Any]) -> Exception:
+    code, message = error.get("code"), str(error.get("message"))
+    data = error.get("data") if isinstance(error.get("data"), dict) else {}
+    if code == RELAY:
+        return RelayError(str(data.get("relay_code", "refused")), message)
+    if code == OFFLINE:
+        return RelayError("unreachable", message)
+    if code == BUSY:
+        return RelayError("busy", message)
+    return ClientError(message, hint=data.get("hint"))
