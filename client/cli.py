@@ -9,18 +9,13 @@ Text written by other members passes through :func:`render.inert` everywhere.
 
 from __future__ import annotations
 
-import asyncio
-import getpass
 import io
 import json
 import os
-import re
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from enum import IntEnum
+from importlib import metadata
 from pathlib import Path
-from typing import Annotated, NoReturn, TypeVar
+from typing import Annotated
 
 import platformdirs
 import typer
@@ -29,22 +24,30 @@ from backchannel.protocol import primitives as P
 from backchannel.protocol import roomlog as L
 from backchannel.protocol.errors import ProtocolError
 
+from .cliutil import (
+    DURATION_HELP,
+    OPTS,
+    Exit,
+    check_name,
+    check_proxy,
+    checked_relay,
+    confirm,
+    duration,
+    err,
+    errors,
+    is_tty,
+    note,
+    passphrase,
+    run,
+    until_wiped,
+)
 from .core import Client, ClientError, Line, MemberView, Room
-from .relay import RelayError
+from .relay import Unreachable
 from .render import inert
-from .store import ProfileInUse, Store, StoreError, wipe
+from .store import ProfileInUse, Store, hold, wipe
 from .views import describe_rules, format_line, member_json, render_export, room_json
 
-T = TypeVar("T")
-
-
-class Exit(IntEnum):
-    OK = 0
-    ERROR = 1
-    USAGE = 2
-    RELAY = 3
-    REFUSED = 4
-
+__all__ = ["OPTS", "app", "err", "errors", "note", "passphrase"]
 
 KDF_PROFILES = {
     "moderate": (P.ARGON2_OPSLIMIT_DEFAULT, P.ARGON2_MEMLIMIT_DEFAULT),
@@ -58,18 +61,25 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain help: Rich's shows a type for every option, "<bool>" even for flags.
+    rich_markup_mode=None,
 )
 room_app = typer.Typer(help="Create and manage rooms.", no_args_is_help=True)
 app.add_typer(room_app, name="room")
 
+ROOM_HELP = "The room's local name, title or id prefix."
+MEMBER_HELP = "A display name as `members` shows it, or a fingerprint prefix."
+#: On stderr when a command shows local state because the relay cannot be reached.
+OFFLINE = "relay unreachable — showing what is stored locally"
+RoomArg = Annotated[str, typer.Argument(metavar="ROOM", help=ROOM_HELP)]
+MemberArg = Annotated[str, typer.Argument(metavar="MEMBER", help=MEMBER_HELP)]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON (docs/client.md).")]
 
-class Options:
-    home: Path
-    passphrase_file: Path | None = None
-    proxy: str | None = None
 
-
-OPTS = Options()
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"backchannel {metadata.version('backchannel')}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -77,109 +87,37 @@ def main_options(
     home: Annotated[
         Path | None,
         typer.Option(
-            "--home", envvar="BACKCHANNEL_HOME", help="Directory holding your encrypted state."
+            "--home",
+            envvar="BACKCHANNEL_HOME",
+            metavar="DIR",
+            help="Directory holding your encrypted state.",
         ),
     ] = None,
     passphrase_file: Annotated[
         Path | None,
-        typer.Option("--passphrase-file", help="Read the passphrase from this file (scripts)."),
+        typer.Option(
+            "--passphrase-file", metavar="FILE", help="Read the passphrase from FILE (scripts)."
+        ),
     ] = None,
     proxy: Annotated[
         str | None,
-        typer.Option("--proxy", envvar="BACKCHANNEL_PROXY", help="e.g. socks5://127.0.0.1:9050"),
+        typer.Option(
+            "--proxy",
+            envvar="BACKCHANNEL_PROXY",
+            metavar="URL",
+            help="Reach relays through this SOCKS5 proxy, e.g. socks5://127.0.0.1:9050 (Tor).",
+        ),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     OPTS.home = home or Path(platformdirs.user_data_dir("backchannel", appauthor=False))
     OPTS.passphrase_file = passphrase_file
-    OPTS.proxy = proxy
-
-
-# --- plumbing ----------------------------------------------------------------------------
-
-
-def err(message: str, hint: str | None = None, code: Exit = Exit.ERROR) -> NoReturn:
-    # Inert: a relay's error detail (or a name in a message) may carry escape sequences.
-    typer.echo(f"error: {inert(message)}", err=True)
-    if hint:
-        typer.echo(f"hint: {inert(hint)}", err=True)
-    raise typer.Exit(int(code))
-
-
-def note(message: str) -> None:
-    typer.echo(message, err=True)
-
-
-def is_tty() -> bool:
-    return sys.stdout.isatty()
-
-
-def passphrase(*, confirm: bool = False) -> str:
-    if OPTS.passphrase_file is not None:
-        try:
-            return OPTS.passphrase_file.read_text().rstrip("\n")
-        except OSError as exc:
-            err(f"cannot read the passphrase file: {exc.strerror}")
-    env = os.environ.get("BACKCHANNEL_PASSPHRASE")
-    if env:
-        return env
-    if not sys.stdin.isatty():
-        err(
-            "no passphrase",
-            hint="set BACKCHANNEL_PASSPHRASE or use --passphrase-file when not on a terminal",
-        )
-    first = getpass.getpass("passphrase: ")
-    if confirm and getpass.getpass("again: ") != first:
-        err("the passphrases differ")
-    return first
-
-
-@contextmanager
-def errors() -> Iterator[None]:
-    """Map every error a user can cause to one clear line."""
-    try:
-        yield
-    except ClientError as exc:
-        err(str(exc), exc.hint)
-    except ProfileInUse as exc:
-        err(str(exc), "close the other window, or wait for it to finish")
-    except StoreError as exc:
-        err(str(exc), "check --home and the passphrase")
-    except RelayError as exc:
-        code = Exit.RELAY if exc.code in ("unreachable", "disconnected") else Exit.REFUSED
-        hint = "is the relay running, and the URL right?" if exc.code == "unreachable" else None
-        err(str(exc), hint, code)
-    except ProtocolError as exc:
-        err(f"refused: {exc} ({exc.code})", code=Exit.REFUSED)
-    except KeyboardInterrupt:
-        err("interrupted")
-
-
-def run(work: Callable[[Client], Awaitable[T]]) -> T:
-    with errors():
-        store = Store.open(OPTS.home, passphrase())
-        client = Client(store, proxy=OPTS.proxy)
-
-        async def go() -> T:
-            try:
-                return await work(client)
-            finally:
-                await client.aclose()
-
-        try:
-            return asyncio.run(go())
-        finally:
-            store.close()
-
-
-DURATION = re.compile(r"^(\d+)([smhdw])$")
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def duration(text: str) -> int:
-    match = DURATION.match(text.strip())
-    if not match:
-        err(f"not a duration: {text!r}", hint="use e.g. 90m, 12h, 7d or 2w")
-    return int(match.group(1)) * UNITS[match.group(2)]
+    OPTS.proxy = None if proxy is None else check_proxy(proxy)
 
 
 # --- commands ----------------------------------------------------------------------------
@@ -187,11 +125,21 @@ def duration(text: str) -> int:
 
 @app.command()
 def init(
-    relay: Annotated[str, typer.Option("--relay", help="The relay's URL, from your organiser.")],
-    name: Annotated[str, typer.Option("--name", help="How others in your rooms see you.")],
+    relay: Annotated[
+        str, typer.Option("--relay", metavar="URL", help="The relay's URL, from your organiser.")
+    ],
+    name: Annotated[
+        str, typer.Option("--name", metavar="NAME", help="How others in your rooms see you.")
+    ],
     affiliation: Annotated[
-        str | None, typer.Option("--affiliation", help="Optional; never shared in anonymous rooms.")
+        str | None,
+        typer.Option(
+            "--affiliation", metavar="TEXT", help="Optional; never shared in anonymous rooms."
+        ),
     ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Create it without checking that the relay answers.")
+    ] = False,
 ) -> None:
     """Create your encrypted profile.
 
@@ -200,6 +148,9 @@ def init(
     with errors():
         if Store.exists(OPTS.home):
             err(f"a profile already exists in {OPTS.home}", hint="use --home for another one")
+        # Before the passphrase: a mistyped URL should not cost a profile made in vain.
+        relay = checked_relay(relay, offline=offline)
+        name = check_name(name)
         ops, mem = KDF_PROFILES.get(
             os.environ.get("BACKCHANNEL_KDF_PROFILE", "moderate"), KDF_PROFILES["moderate"]
         )
@@ -215,19 +166,69 @@ def init(
     note(f"profile created in {OPTS.home}")
 
 
+@app.command()
+def profile(
+    relay: Annotated[
+        str | None,
+        typer.Option("--relay", metavar="URL", help="The relay new rooms are created on."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", metavar="NAME", help="Your new display name.")
+    ] = None,
+    affiliation: Annotated[
+        str | None,
+        typer.Option("--affiliation", metavar="TEXT", help='Your affiliation ("" clears it).'),
+    ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Do not check that the new relay answers.")
+    ] = False,
+) -> None:
+    """Show your profile, or change your name, affiliation or relay."""
+    if relay is not None:
+        relay = checked_relay(relay, offline=offline)
+    if name is not None:
+        name = check_name(name)
+
+    async def work(c: Client) -> tuple[str, str, str | None]:
+        if relay is name is affiliation is None:
+            found = c.profile()
+        else:
+            found = c.update_profile(name=name, relay=relay, affiliation=affiliation)
+        return found.name, found.relay, found.affiliation
+
+    shown = run(work)
+    typer.echo(f"name\t{inert(shown[0])}\nrelay\t{shown[1]}\naffiliation\t{inert(shown[2] or '')}")
+    if name is not None or affiliation is not None:
+        note("your rooms see the change after your next read, send or chat in each")
+    if relay is not None:
+        note("new rooms are created there; rooms you have stay on their own relay")
+
+
 @room_app.command("create")
 def room_create(
     title: Annotated[
-        str, typer.Argument(help="The room's title (encrypted; never sent to the relay).")
+        str,
+        typer.Argument(
+            metavar="TITLE", help="The room's title (encrypted; never sent to the relay)."
+        ),
     ],
     rules: Annotated[
-        str, typer.Option("--rules", help="chatham, attributed or anonymous")
+        str,
+        typer.Option(
+            "--rules",
+            metavar="chatham|attributed|anonymous",
+            help="Chatham House (default), on the record, or pseudonymous.",
+        ),
     ] = "chatham",
     retention: Annotated[
-        str, typer.Option("--retention", help="How long messages are kept.")
+        str,
+        typer.Option(
+            "--retention", metavar="DURATION", help=f"How long messages are kept: {DURATION_HELP}."
+        ),
     ] = "7d",
     token: Annotated[
-        str | None, typer.Option("--token", help="Room-creation token, if the relay needs one.")
+        str | None,
+        typer.Option("--token", metavar="T", help="Room-creation token, if the relay needs one."),
     ] = None,
 ) -> None:
     """Create an invite-only room; prints its local name."""
@@ -235,11 +236,11 @@ def room_create(
         err(
             f"unknown rules {rules!r}", hint="use chatham, attributed or anonymous", code=Exit.USAGE
         )
-    seconds = duration(retention)
+    seconds = duration(retention, "the retention")
     try:
         room_rules = L.Rules(mode=rules, retention=seconds)  # type: ignore[arg-type]
     except ProtocolError:
-        err("retention must be between 1 minute and 10 years")
+        err("the retention must be between 1 minute and 10 years", code=Exit.USAGE)
     room = run(lambda c: c.create_room(title, room_rules, token=token))
     typer.echo(room.name)
     if is_tty():
@@ -250,15 +251,29 @@ def room_create(
 
 @app.command()
 def invite(
-    room: Annotated[str, typer.Argument(help="Local name, title or id prefix.")],
-    role: Annotated[str, typer.Option("--role")] = "participant",
-    expires: Annotated[str, typer.Option("--expires")] = "2d",
-    uses: Annotated[int, typer.Option("--uses", min=1)] = 1,
+    room: RoomArg,
+    role: Annotated[
+        str,
+        typer.Option(
+            "--role",
+            metavar="participant|observer|facilitator",
+            help="What the invited person may do.",
+        ),
+    ] = "participant",
+    expires: Annotated[
+        str,
+        typer.Option(
+            "--expires", metavar="DURATION", help=f"How long the code works: {DURATION_HELP}."
+        ),
+    ] = "2d",
+    uses: Annotated[
+        int, typer.Option("--uses", min=1, metavar="N", help="How many people it admits.")
+    ] = 1,
 ) -> None:
     """Make an invite code (and, on a terminal, a QR code) for ROOM."""
     if role not in L.ROLES:
         err(f"unknown role {role!r}", hint="participant, observer or facilitator", code=Exit.USAGE)
-    seconds = duration(expires)
+    seconds = duration(expires, "the invite's lifetime")
 
     async def work(c: Client) -> str:
         return await c.invite(c.room(room), role, seconds, uses)  # type: ignore[arg-type]
@@ -276,9 +291,17 @@ def invite(
 
 @app.command()
 def join(
-    code: Annotated[str, typer.Argument(help="The invite code you were given.")],
+    code: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="[RELAY-URL] CODE",
+            help="The invite you were given: the relay's address and a bcinv2 code "
+            "(quoted or not; the address may be left out if it is your own relay), "
+            "or an older bcinv1 code.",
+        ),
+    ],
     accept_rules: Annotated[
-        bool, typer.Option("--accept-rules", help="Accept without asking.")
+        bool, typer.Option("--accept-rules", help="Accept the room's rules without asking.")
     ] = False,
 ) -> None:
     """Join a room with an invite code, after checking the room and its rules."""
@@ -289,14 +312,14 @@ def join(
             return True
         if not sys.stdin.isatty():
             err("the rules must be accepted", hint="pass --accept-rules in scripts")
-        return typer.confirm("Do you accept these rules?", err=True)
+        return confirm("Do you accept these rules?")
 
-    room = run(lambda c: c.join(code, accept_rules=accept))
+    room = run(lambda c: c.join(" ".join(code), accept_rules=accept))
     typer.echo(room.name)
 
 
 @app.command()
-def rooms(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def rooms(as_json: JsonFlag = False) -> None:
     """List your rooms."""
 
     async def work(c: Client) -> list[Room]:
@@ -306,6 +329,9 @@ def rooms(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         typer.echo(json.dumps([room_json(r) for r in found], indent=None))
         return
+    if not found:
+        # On stderr: a script reading stdout sees no rooms, not a sentence.
+        note("no rooms yet: create one with `backchannel room create TITLE`, or join one")
     for r in found:
         typer.echo(
             f"{r.name}\t{inert(r.title, limit=40)}\t{r.state.rules.mode}\t{r.status}"
@@ -314,23 +340,21 @@ def rooms(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 
 @app.command()
-def members(
-    room: Annotated[str, typer.Argument()],
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
+def members(room: RoomArg, as_json: JsonFlag = False) -> None:
     """List a room's members, their roles and whether you verified them."""
 
     async def work(c: Client) -> list[MemberView]:
         r = c.room(room)
         if r.status == "active":
-            await c.sync_log(r)
+            try:
+                await c.sync_log(r)
+            except Unreachable:
+                note(OFFLINE)
         return c.members(r)
 
     found = run(work)
     if as_json:
-        typer.echo(
-            json.dumps([member_json(m) for m in found])
-        )
+        typer.echo(json.dumps([member_json(m) for m in found]))
         return
     for m in found:
         mark = "you" if m.me else ("verified" if m.verified else "unverified")
@@ -341,12 +365,14 @@ def members(
 
 @app.command()
 def send(
-    room: Annotated[str, typer.Argument()],
+    room: RoomArg,
     text: Annotated[
-        str | None, typer.Argument(help="The message; read from stdin if absent.")
+        str | None,
+        typer.Argument(metavar="TEXT", help="The message; read from stdin if absent."),
     ] = None,
     to: Annotated[
-        str | None, typer.Option("--to", help="A member: sends a private sidebar.")
+        str | None,
+        typer.Option("--to", metavar="MEMBER", help="Send a private sidebar to MEMBER."),
     ] = None,
 ) -> None:
     """Send a message to ROOM (or a private sidebar with --to)."""
@@ -354,23 +380,33 @@ def send(
     body = body.rstrip("\n")
     if not body:
         err("nothing to send", code=Exit.USAGE)
+    yourself = ClientError("a sidebar goes to another member, not to you")
 
     async def work(c: Client) -> None:
         r = c.room(room)
-        async with c.connect([r]) as sock:
-            await c.pump(sock, [r], idle=0.05)
-            target = None if to is None else c.member(r, to).key.sign
-            await c.send_text(sock, r, body, to=target)
+        online = False
+        try:
+            async with c.connect([r]) as sock:
+                online = True
+                await c.pump(sock, [r], idle=0.05)
+                target = None if to is None else c.member(r, to, yourself=yourself).key.sign
+                await c.send_text(sock, r, body, to=target)
+        except Unreachable:
+            # Only if nothing of this message was sealed yet; a sidebar needs a session.
+            if online or to is not None or r.status != "active":
+                raise
+            c.queue_text(r, body)
+            note("relay unreachable — queued; will be sent when the relay is reachable")
 
     run(work)
 
 
 @app.command()
 def read(
-    room: Annotated[str, typer.Argument()],
+    room: RoomArg,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing new messages.")
+        bool, typer.Option("--follow", "-f", help="Keep printing new messages (Ctrl-C stops).")
     ] = False,
 ) -> None:
     """Fetch new messages and print the room's transcript."""
@@ -385,14 +421,25 @@ def read(
                 typer.echo(format_line(c, r, line, as_json))
                 shown = max(shown, line.n)
 
+        online = False
         if r.status == "active":
-            async with c.connect([r]) as sock:
-                await c.pump(sock, [r], idle=0.1)
-                await c.retry_stash(r)
+            try:
+                async with c.connect([r]) as sock:
+                    online = True
+                    await c.pump(sock, [r], idle=0.1)
+                    await c.retry_stash(r)
+                    show(c.lines(r))
+                    if follow:
+                        c.on_line = lambda _room, line: show([line])
+                        # A wipe elsewhere (`wipe --force`) ends this at once, with one line.
+                        await until_wiped(c.pump(sock, [r], forever=True), OPTS.home)
+            except Unreachable:
+                if online:
+                    raise
+                note(OFFLINE)
                 show(c.lines(r))
                 if follow:
-                    c.on_line = lambda _room, line: show([line])
-                    await c.pump(sock, [r], forever=True)
+                    raise
         else:
             show(c.lines(r))
 
@@ -401,24 +448,26 @@ def read(
 
 @app.command()
 def verify(
-    room: Annotated[str, typer.Argument()],
-    member: Annotated[str, typer.Argument(help="Display name or fingerprint prefix.")],
-    confirm: Annotated[
+    room: RoomArg,
+    member: MemberArg,
+    confirm_: Annotated[
         bool, typer.Option("--confirm", help="Record that the numbers matched.")
     ] = False,
 ) -> None:
     """Show the safety number you share with MEMBER; compare it out of band."""
+    yourself = ClientError(
+        "you cannot verify yourself: a safety number is compared with another member",
+        hint="name another member; `backchannel members ROOM` lists them",
+    )
 
     async def work(c: Client) -> tuple[str, str, bool]:
         r = c.room(room)
-        m = c.member(r, member)
+        m = c.member(r, member, yourself=yourself)
         number = c.safety(r, m)
-        agreed = confirm
-        if not confirm and sys.stdin.isatty():
+        agreed = confirm_
+        if not confirm_ and sys.stdin.isatty():
             note("\n".join(number.lines()))
-            agreed = typer.confirm(
-                "Did you compare this number with them and does it match?", err=True
-            )
+            agreed = confirm("Did you compare this number with them and does it match?")
         if agreed:
             c.mark_verified(r, m)
         return m.name, number.text(), agreed
@@ -430,14 +479,13 @@ def verify(
 
 
 @app.command()
-def remove(
-    room: Annotated[str, typer.Argument()], member: Annotated[str, typer.Argument()]
-) -> None:
+def remove(room: RoomArg, member: MemberArg) -> None:
     """Remove MEMBER from ROOM (facilitators); everyone's keys rotate."""
+    yourself = ClientError("you cannot remove yourself", hint="use `backchannel leave ROOM`")
 
     async def work(c: Client) -> str:
         r = c.room(room)
-        m = c.member(r, member)
+        m = c.member(r, member, yourself=yourself)
         await c.remove(r, m.key.sign)
         return m.name
 
@@ -446,11 +494,16 @@ def remove(
 
 
 @app.command()
-def leave(room: Annotated[str, typer.Argument()]) -> None:
+def leave(
+    room: RoomArg,
+    force: Annotated[
+        bool, typer.Option("--force", help="Leave even as the room's only facilitator.")
+    ] = False,
+) -> None:
     """Leave ROOM."""
 
     async def work(c: Client) -> None:
-        await c.leave(c.room(room))
+        await c.leave(c.room(room), force=force)
 
     run(work)
     note("you left the room")
@@ -458,9 +511,13 @@ def leave(room: Annotated[str, typer.Argument()]) -> None:
 
 @app.command()
 def export(
-    room: Annotated[str, typer.Argument()],
-    fmt: Annotated[str, typer.Option("--format", help="md or json")] = "md",
-    output: Annotated[Path | None, typer.Option("-o", help="Write to this file.")] = None,
+    room: RoomArg,
+    fmt: Annotated[
+        str, typer.Option("--format", metavar="md|json", help="Markdown or JSON.")
+    ] = "md",
+    output: Annotated[
+        Path | None, typer.Option("-o", metavar="FILE", help="Write to FILE (mode 600).")
+    ] = None,
 ) -> None:
     """Export the transcript, honouring the room's rules (no attribution under chatham)."""
     if fmt not in ("md", "json"):
@@ -473,21 +530,48 @@ def export(
     text = run(work)
     if output is None:
         typer.echo(text)
-    else:
+        return
+    try:
+        # Private from the first byte: a transcript is no less sensitive out of the store.
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        note(f"wrote {output}")
+    except OSError as exc:
+        err(f"cannot write {output}: {exc.strerror}", hint="check that the folder exists")
+    note(f"wrote {output}")
 
 
 @app.command("wipe")
-def wipe_cmd(yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False) -> None:
+def wipe_cmd(
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Wipe even while another backchannel process has it open."),
+    ] = False,
+) -> None:
     """Destroy all local state (keys, transcripts) at once. Cannot be undone."""
-    if not yes:
-        if not sys.stdin.isatty():
-            err("wipe needs confirmation", hint="pass --yes in scripts")
-        typer.confirm(f"Destroy everything in {OPTS.home}?", abort=True, err=True)
-    if wipe(OPTS.home):
-        note("local state destroyed")
-    else:
-        note("nothing to wipe")
+    with errors():
+        if not yes:
+            if not sys.stdin.isatty():
+                err("wipe needs confirmation", hint="pass --yes in scripts")
+            if not confirm(f"Destroy everything in {OPTS.home}?"):
+                err("nothing was wiped")
+        if not Store.exists(OPTS.home):
+            note("nothing to wipe")
+            return
+        try:
+            lock = hold(OPTS.home)
+        except ProfileInUse as exc:
+            if not force:
+                # Pulled from under it, the other process would fail at its next read.
+                err(
+                    f"{exc}; nothing was wiped",
+                    hint="close it first, or pass --force to wipe now (it then stops)",
+                )
+            lock = None
+        try:
+            wipe(OPTS.home)
+        finally:
+            if lock is not None:
+                lock.close()
+    note("local state destroyed")

@@ -21,6 +21,9 @@ class Context:
     def now(self) -> int:
         return int(self.clock())
 
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
     def http(self, relay: str) -> RelayHttp:
         if relay not in self._http:
             self._http[relay] = RelayHttp(relay, proxy=self.proxy, clock=self.clock)

@@ -5,6 +5,8 @@ the work is done by the parts it wires together (docs/client.md, "Code map"):
 
 - :mod:`.room` — a room and where rooms are kept;
 - :mod:`.membership` — the room log: create, invite, join, remove, leave, sync;
+- :mod:`.admin` and :mod:`.rulechanges` — roles, rules and invites, and what members
+  make of changes to them;
 - :mod:`.prekeys` and :mod:`.sessions` — pairwise channels to each member;
 - :mod:`.senderkeys` — our sender key (sealed under, rotated, handed out) and others';
 - :mod:`.sending` and :mod:`.outbox` — connecting, sending, resending;
@@ -24,9 +26,11 @@ from contextlib import AbstractAsyncContextManager
 
 from backchannel.protocol import roomlog as L
 from backchannel.protocol.errors import ProtocolError
-from backchannel.protocol.invite import InviteCode, check_relay_url
+from backchannel.protocol.invite import check_relay_url
 from backchannel.protocol.safety import SafetyNumber
+from backchannel.protocol.shortcode import AnyCode
 
+from .admin import Admin, InviteView
 from .context import Context
 from .errors import ClientError
 from .forks import Forks
@@ -44,7 +48,16 @@ from .sessions import Sessions
 from .store import Store
 from .transcript import Line, Transcript
 
-__all__ = ["Client", "ClientError", "Line", "MemberView", "NameTag", "Room", "pseudonym"]
+__all__ = [
+    "Client",
+    "ClientError",
+    "InviteView",
+    "Line",
+    "MemberView",
+    "NameTag",
+    "Room",
+    "pseudonym",
+]
 
 
 def _profiles(store: Store) -> Table[ProfileRecord]:
@@ -78,6 +91,7 @@ class Client:
         self.membership = Membership(
             ctx, self.room_store, self.senderkeys, self.prekeys, self.peers, self.transcript
         )
+        self.admin = Admin(ctx, self.membership, self.transcript)
         self.forks = Forks(
             ctx, self.room_store, self.membership, self.sessions, self.peers, self.transcript
         )
@@ -91,6 +105,7 @@ class Client:
             self.transcript,
             self.forks,
         )
+        self.receiver.profile = self.profile
         self.sender = Sender(
             ctx,
             self.membership,
@@ -116,6 +131,32 @@ class Client:
         except ProtocolError as exc:
             raise ClientError(f"not a usable relay URL: {exc}") from None
         profiles.put(b"me", ProfileRecord(name=name, relay=relay, affiliation=affiliation or None))
+
+    def update_profile(
+        self, *, name: str | None = None, relay: str | None = None, affiliation: str | None = None
+    ) -> ProfileRecord:
+        """Change our name, affiliation (``""`` clears it) or the relay new rooms are
+        made on. Rooms keep the relay they are on; a new name or affiliation goes to
+        every member again at our next connection to each room."""
+        current = self.profile()
+        if relay is not None:
+            try:
+                check_relay_url(relay)
+            except ProtocolError as exc:
+                raise ClientError(f"not a usable relay URL: {exc}") from None
+        updated = ProfileRecord(
+            name=current.name if name is None else name,
+            relay=current.relay if relay is None else relay,
+            affiliation=current.affiliation if affiliation is None else affiliation or None,
+        )
+        with self.store.transaction():
+            _profiles(self.store).put(b"me", updated)
+            if (updated.name, updated.affiliation) != (current.name, current.affiliation):
+                for room in self.rooms():
+                    self.senderkeys.redistribute(room)
+        for room in self.rooms():
+            self.peers.refresh(room)  # our own label is in each room's table
+        return updated
 
     def profile(self) -> ProfileRecord:
         found = _profiles(self.store).get(b"me")
@@ -161,20 +202,42 @@ class Client:
     async def invite(self, room: Room, role: L.Role, expires: int, uses: int) -> str:
         return await self.membership.invite(room, role, expires, uses)
 
-    async def preview(self, code_text: str) -> tuple[InviteCode, L.RoomLog, L.Invite]:
-        return await self.membership.preview(code_text)
+    async def preview(self, code_text: str) -> tuple[AnyCode, L.RoomLog, L.Invite]:
+        return await self.membership.preview(code_text, self._own_relay())
 
     async def join(self, code_text: str, *, accept_rules: Callable[[L.Rules], bool]) -> Room:
-        return await self.membership.join(code_text, accept_rules=accept_rules)
+        return await self.membership.join(
+            code_text, accept_rules=accept_rules, relay=self._own_relay()
+        )
+
+    def _own_relay(self) -> str | None:
+        # A short code read aloud may come without the address: most often it is
+        # for the relay the joiner's organiser gave them at `init`.
+        found = _profiles(self.store).get(b"me")
+        return None if found is None else found.relay
 
     async def remove(self, room: Room, member: bytes) -> None:
         await self.membership.remove(room, member)
 
-    async def leave(self, room: Room) -> None:
-        await self.membership.leave(room)
+    async def leave(self, room: Room, *, force: bool = False) -> None:
+        await self.membership.leave(room, force=force)
 
     async def sync_log(self, room: Room) -> list[L.Event]:
         return await self.membership.sync_log(room)
+
+    # --- a facilitator's levers (client/admin.py) ------------------------------------------
+
+    async def set_role(self, room: Room, member_sign: bytes, role: L.Role) -> None:
+        await self.admin.set_role(room, member_sign, role)
+
+    async def set_rules(self, room: Room, rules: L.Rules) -> None:
+        await self.admin.set_rules(room, rules)
+
+    async def invites(self, room: Room) -> list[InviteView]:
+        return await self.admin.invites(room)
+
+    async def revoke_invite(self, room: Room, invite: bytes | str) -> InviteView:
+        return await self.admin.revoke_invite(room, invite)
 
     # --- what is shown ---------------------------------------------------------------------
 
@@ -193,8 +256,10 @@ class Client:
     def members(self, room: Room) -> list[MemberView]:
         return self.peers.members(room)
 
-    def member(self, room: Room, query: str) -> MemberView:
-        return self.peers.find(room, query)
+    def member(
+        self, room: Room, query: str, *, yourself: ClientError | None = None
+    ) -> MemberView:
+        return self.peers.find(room, query, yourself=yourself)
 
     def safety(self, room: Room, member: MemberView) -> SafetyNumber:
         return self.peers.safety(room, member)
@@ -212,6 +277,10 @@ class Client:
         self, sock: RelaySocket, room: Room, text: str, *, to: bytes | None = None
     ) -> None:
         await self.sender.send_text(sock, room, text, to=to)
+
+    def queue_text(self, room: Room, text: str) -> None:
+        """Seal and queue a room message while the relay is unreachable."""
+        self.sender.queue_text(room, text)
 
     async def replenish_prekeys(self, room: Room) -> None:
         await self.prekeys.replenish(room)

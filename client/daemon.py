@@ -37,7 +37,7 @@ from .events import line_event
 from .pipeline import MAX_BATCH, MIN_BATCH, Outgoing, Pipeline
 from .relay import RelayError, RelaySocket
 from .render import json_text
-from .views import member_json, room_json
+from .views import format_line, member_json, room_json
 
 RUN_DIR = "run"
 SOCKET_NAME = "daemon.sock"
@@ -80,8 +80,10 @@ def _param(params: dict[str, Any], name: str, kind: type, default: Any = ...) ->
 
 
 class Subscriber:
-    def __init__(self, room: bytes | None) -> None:
+    def __init__(self, room: bytes | None, text: bool = False) -> None:
         self.room = room
+        #: Whether it wants each line as the command prints it, beside the object.
+        self.text = text
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(MAX_BEHIND)
 
 
@@ -210,11 +212,14 @@ class Daemon:
         if not self.subscribers:
             return
         event = line_event(self.client, room, line)
+        plain: str | None = None
         for sub in list(self.subscribers):
             if sub.room is not None and sub.room != room.room_id:
                 continue
+            if sub.text and plain is None:
+                plain = format_line(self.client, room, line, False)
             try:
-                sub.queue.put_nowait(event)
+                sub.queue.put_nowait({**event, "line": plain} if sub.text else event)
             except asyncio.QueueFull:
                 # Memory stays bounded: a reader this far behind starts again
                 # from `read` (its `n` says where it was).
@@ -348,6 +353,9 @@ class Daemon:
         after = _param(params, "after", int, -1)
         limit = _param(params, "limit", int, 10_000)
         lines = self.client.lines(room, after)[: max(0, limit)]
+        if _param(params, "format", str, "json") == "text":
+            # The command's own plain rendering, so `read` reads the same either way.
+            return [format_line(self.client, room, line, False) for line in lines]
         return [line_event(self.client, room, line) for line in lines]
 
     async def m_send(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -380,7 +388,7 @@ class Daemon:
         rid: Any,
     ) -> dict[str, Any]:
         room = None if params.get("room") is None else self._room(params).room_id
-        sub = Subscriber(room)
+        sub = Subscriber(room, text=_param(params, "format", str, "json") == "text")
         self.subscribers.add(sub)
         subs.append(sub)
 

@@ -36,7 +36,6 @@ def line_event(c: Client, r: Room, line: Line) -> dict[str, Any]:
     if line.kind == "sidebar":
         peer = inert(c.display_name(r, (line.to if line.mine else line.sender) or b""))
     mid = getattr(line, "mid", None)
-    sent = getattr(line, "sent", None)
     return {
         "schema": SCHEMA,
         "room": r.room_id.hex(),
@@ -48,8 +47,8 @@ def line_event(c: Client, r: Room, line: Line) -> dict[str, Any]:
         "fingerprint": None if member is None else member.key.fingerprint().hex(),
         "mine": line.mine,
         "text": line_text(c, r, line),
-        "ts": line.ts if sent is None else sent,
-        "received": line.ts,
+        "ts": line.ts,
+        "received": line.received,
         "sidebar_with": peer,
         # Never for our own lines: there is no safety number with oneself.
         "verified": tag is not None and tag.verified and not line.mine,

@@ -6,20 +6,36 @@ other; this module puts them together, so ``backchannel chat`` opens the screen.
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
-from . import cli_daemon  # noqa: F401 - registers `daemon` on the app
-from .cli import OPTS, app, errors, passphrase
+from . import (
+    cli_admin,  # noqa: F401 - registers `role`, `rules`, `invites`, `revoke`
+    cli_daemon,  # noqa: F401 - registers `daemon` on the app
+)
+from .cli import OPTS, app
+from .cliutil import err, errors, passphrase
 from .core import Client
 from .store import Store
 from .tui import run_chat
 
 
 @app.command()
-def chat(room: Annotated[str, typer.Argument()]) -> None:
+def chat(
+    room: Annotated[
+        str, typer.Argument(metavar="ROOM", help="The room's local name, title or id prefix.")
+    ],
+) -> None:
     """Open the interactive chat screen for ROOM."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        # Full-screen output into a pipe or a file is escape codes, not a transcript.
+        err(
+            "chat needs a terminal",
+            hint="use `backchannel read ROOM --follow` to watch and `backchannel send ROOM` "
+            "to write",
+        )
     with errors():
         store = Store.open(OPTS.home, passphrase())
         try:

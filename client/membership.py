@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from backchannel.protocol import roomlog as L
+from backchannel.protocol import shortcode as S
 from backchannel.protocol.errors import ProtocolError
 from backchannel.protocol.invite import InviteCode
 from backchannel.protocol.keys import MemberKeyPair
@@ -23,6 +24,7 @@ from .peers import Peers
 from .prekeys import Prekeys
 from .relay import RelayError
 from .room import Room, Rooms, require_usable
+from .rulechanges import after_admin_event
 from .senderkeys import SenderKeys
 from .transcript import Transcript
 
@@ -58,6 +60,7 @@ class Membership:
         )
         with self.ctx.store.transaction():
             self.rooms.add(room)
+            self.transcript.raise_floor(room)  # nothing can have been sent here before
             self.senderkeys.rotate(room, since=0)
         await self.prekeys.upload(room, fresh=True)
         return room
@@ -68,18 +71,25 @@ class Membership:
         if room.state.role_of(room.me) != "facilitator":
             raise ClientError("only a facilitator can invite")
         now = self.ctx.now()
-        event, seed = L.make_invite(room.key, room.state, role, now + expires, uses, now)
+        event, secret = S.make_invite(room.key, room.state, role, now + expires, uses, now)
         await self._append(room, event)
-        return InviteCode.for_room(room.relay, room.state, seed).to_text()
+        return S.ShortCode.for_room(room.relay, room.state, secret).to_text()
 
-    async def preview(self, code_text: str) -> tuple[InviteCode, L.RoomLog, L.Invite]:
-        """Fetch and validate the room an invite code names, before joining."""
+    async def preview(
+        self, code_text: str, relay: str | None = None
+    ) -> tuple[S.AnyCode, L.RoomLog, L.Invite]:
+        """Fetch and validate the room an invite code names, before joining.
+        ``relay`` is where a short code without an address is looked up."""
         try:
-            code = InviteCode.from_text(code_text)
+            code = S.read_invite(code_text, relay)
         except ProtocolError as exc:
             raise ClientError(f"this is not a valid invite code: {exc}") from None
+        http = self.ctx.http(code.relay_url)
         try:
-            events = await self.ctx.http(code.relay_url).preview(code.room_id, code.invite_seed)
+            if isinstance(code, InviteCode):
+                events = await http.preview(code.room_id, code.invite_seed)
+            else:
+                events = await http.invite_log(code.invite_seed)
         except RelayError as exc:
             if exc.code in ("invalid_invite", "not_found", "unknown_invite"):
                 raise ClientError(
@@ -95,20 +105,27 @@ class Membership:
             raise ClientError("the invite is expired or used up", hint="ask for a new one")
         return code, log, invite
 
-    async def join(self, code_text: str, *, accept_rules: Callable[[L.Rules], bool]) -> Room:
-        code, log, _invite = await self.preview(code_text)
+    async def join(
+        self,
+        code_text: str,
+        *,
+        accept_rules: Callable[[L.Rules], bool],
+        relay: str | None = None,
+    ) -> Room:
+        code, log, _invite = await self.preview(code_text, relay)
+        room_id = log.state.room_id  # the code's own, checked (a short code has none)
         if not accept_rules(log.state.rules):
             raise ClientError("you did not accept the room's rules; nothing was done")
         key = MemberKeyPair.generate()
         event = L.make_join(key, code.invite_seed, log.state, self.ctx.now())
         try:
-            await self.ctx.http(code.relay_url).append(code.room_id, event)
+            await self.ctx.http(code.relay_url).append(room_id, event)
         except RelayError as exc:
             raise ClientError(f"the relay refused the join: {exc}") from None
         log.append(event)
         room = Room(
-            room_id=code.room_id,
-            name=self.rooms.local_name(f"room-{code.room_id.hex()[:6]}"),
+            room_id=room_id,
+            name=self.rooms.local_name(self.rooms.placeholder(room_id)),
             title="",
             relay=code.relay_url,
             key=key,
@@ -116,6 +133,7 @@ class Membership:
         )
         with self.ctx.store.transaction():
             self.rooms.add(room)
+            self.transcript.raise_floor(room)  # nothing before our join is ours to read
             self.senderkeys.rotate(room, since=log.state.pos)
         await self.prekeys.upload(room, fresh=True)
         return room
@@ -138,10 +156,29 @@ class Membership:
             raise ClientError("only a facilitator can remove members")
         await self._append(room, L.make_remove(room.key, room.state, member, self.ctx.now()))
 
-    async def leave(self, room: Room) -> None:
+    async def leave(self, room: Room, *, force: bool = False) -> None:
+        if room.status == "left":
+            raise ClientError("you already left this room")
         await self.sync_log(room)
-        if room.status == "active":
-            await self._append(room, L.make_leave(room.key, room.state, self.ctx.now()))
+        if room.status == "removed":
+            raise ClientError("you were removed from this room; there is nothing to leave")
+        require_usable(room)
+        state = room.state
+        others = [m for m in state.members.values() if m.key.sign != room.me]
+        if (
+            not force
+            and state.role_of(room.me) == "facilitator"
+            and others
+            and not any(m.role == "facilitator" for m in others)
+        ):
+            # Nobody could invite, remove or change the rules after us, for good.
+            raise ClientError(
+                "you are this room's only facilitator: without you nobody could invite, "
+                "remove or change the rules again",
+                hint="invite a co-facilitator first (`backchannel invite ROOM --role "
+                "facilitator`), or leave anyway with --force",
+            )
+        await self._append(room, L.make_leave(room.key, state, self.ctx.now()))
 
     # --- the log ---------------------------------------------------------------------------
 
@@ -202,15 +239,15 @@ class Membership:
                 room,
                 f"{{who}} {'was removed' if removed else 'left'}; keys rotated",
                 about=gone,
+                sent=event.ts * 1000,
             )
         elif isinstance(event, L.JoinEvent) and event.member.sign != room.me:
-            self.transcript.notice(room, "{who} joined", about=event.member.sign)
-        elif isinstance(event, L.SetRulesEvent):
+            # At the join's own time, so that what the joiner said since comes after it.
             self.transcript.notice(
-                room,
-                f"the rules changed: {event.rules.mode}, "
-                f"messages kept {event.rules.retention // 3600} h",
+                room, "{who} joined", about=event.member.sign, sent=event.ts * 1000
             )
+        elif isinstance(event, L.SetRoleEvent | L.SetRulesEvent | L.RevokeEvent):
+            after_admin_event(self.transcript, room, event)
 
     def compromise(self, room: Room, reason: str) -> None:
         room.status = "compromised"

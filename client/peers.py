@@ -13,6 +13,7 @@ name table (:func:`~.names.unique_names`): unique within the room, never
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -23,13 +24,18 @@ from backchannel.protocol.safety import SafetyNumber, safety_number
 from .errors import ClientError, unique_match
 from .names import SEPARATOR, Chosen, pseudonym, skeleton, unique_names
 from .records import PeerRecord, Table
-from .room import Room
+from .room import Room, names_shared
 from .store import Store
+
+#: A label typed with its suffix: "Farida Zaman ·3f2a", "farida zaman 3f2a".
+_SUFFIXED = re.compile(r"^(?P<stem>.*?\w)[\s·.:(]+(?P<digits>[0-9a-fA-F]{4,})\)?$")
 
 __all__ = ["MAX_AFFILIATION", "MAX_NAME", "MemberView", "NameTag", "Peers", "pseudonym"]
 
 MAX_NAME = 64
 MAX_AFFILIATION = 128
+#: Earlier names kept per member, to accept a name printed before it changed.
+KEEP_EARLIER = 4
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,12 @@ class Peers:
             return  # never kept, so never shown or exported
         known = record = self.get(room, sign)
         if isinstance(name, str):
-            record = replace(record, name=name[:MAX_NAME])
+            fresh = name[:MAX_NAME]
+            if record.name and record.name != fresh:
+                old = record.name.encode()
+                kept = [n for n in record.earlier or [] if n != old][-(KEEP_EARLIER - 1) :]
+                record = replace(record, earlier=[*kept, old])
+            record = replace(record, name=fresh)
         if isinstance(affiliation, str):
             record = replace(record, affiliation=affiliation[:MAX_AFFILIATION])
         if record != known:
@@ -115,7 +126,8 @@ class Peers:
         anonymous = room.state.rules.mode == "anonymous"
         keys = self._members_ever(room)
         rows = {sign: self.get(room, sign) for sign in keys if sign != room.me}
-        own = None if anonymous else self._own_name()
+        # As the others know us: a room that was ever anonymous for us never got our name.
+        own = self._own_name() if names_shared(room) else None
         chosen = []
         for sign, key in keys.items():
             name = own if sign == room.me else (None if anonymous else rows[sign].name)
@@ -177,7 +189,8 @@ class Peers:
                 MemberView(
                     key=member.key,
                     role=member.role,
-                    name="you" if me else table.tags[sign].name,
+                    # Our own name as the others see it; ``me`` says it is ours.
+                    name=table.tags[sign].name,
                     affiliation=None if anonymous else info.affiliation,
                     verified=table.tags[sign].verified,
                     me=me,
@@ -185,24 +198,61 @@ class Peers:
             )
         return sorted(out, key=lambda m: (not m.me, m.name))
 
-    def find(self, room: Room, query: str) -> MemberView:
+    def find(
+        self, room: Room, query: str, *, yourself: ClientError | None = None
+    ) -> MemberView:
+        """The member ``query`` names: as ``members`` shows it now, or by a name or
+        pseudonym it had earlier in this room while that names no one else; ``you``
+        (or our own name) raises ``yourself``."""
         wanted = skeleton(query)
-        return unique_match(
-            [m for m in self.members(room) if not m.me],
-            [
-                lambda m: m.name == query,
-                # What one can type for what is shown: "farida zaman 3f2a" for
-                # "Farida Zaman ·3f2a"; a name without its suffix names several.
-                lambda m: bool(wanted) and skeleton(m.name) == wanted,
-                lambda m: bool(wanted) and skeleton(m.name.rpartition(SEPARATOR)[0]) == wanted,
-                lambda m: len(query) >= 4
-                and m.fingerprint.startswith(query.lower().replace(" ", "")),
-            ],
-            several=ClientError(f"{query!r} matches several members", hint="use a fingerprint"),
-            missing=ClientError(
-                f"no member {query!r} in this room", hint="`backchannel members ROOM`"
-            ),
+        views = self.members(room)
+        rows = self._tables[room.room_id].rows
+        several = ClientError(f"{query!r} matches several members", hint="use a fingerprint")
+        missing = ClientError(
+            f"no member {query!r} in this room", hint="`backchannel members ROOM`"
         )
+        suffixed = _SUFFIXED.match(query.strip())
+
+        def earlier(m: MemberView) -> list[str]:
+            # Its pseudonym was its label until its profile arrived.
+            row = rows.get(m.key.sign, PeerRecord())
+            old = [n.decode("utf-8", "replace") for n in row.earlier or []]
+            return [pseudonym(room.room_id, m.key.sign), *old]
+
+        tests: list[Callable[[MemberView], bool]] = [
+            lambda m: m.me and query.strip().casefold() in ("you", "me"),
+            lambda m: m.name == query,
+            # What one can type for what is shown: "farida zaman 3f2a" for
+            # "Farida Zaman ·3f2a"; a name without its suffix names several.
+            lambda m: bool(wanted) and skeleton(m.name) == wanted,
+            lambda m: bool(wanted) and skeleton(m.name.rpartition(SEPARATOR)[0]) == wanted,
+            # A line of `members` copied whole: "Chen (Observer NGO)".
+            lambda m: bool(wanted) and skeleton(f"{m.name}{m.affiliation or ''}") == wanted,
+            # A suffix that has grown since (more digits once more lookalikes came).
+            lambda m: suffixed is not None
+            and skeleton(m.name.rpartition(SEPARATOR)[0]) == skeleton(suffixed["stem"])
+            and m.fingerprint.startswith(suffixed["digits"].lower()),
+            lambda m: len(query) >= 4
+            and m.fingerprint.startswith(query.lower().replace(" ", "")),
+        ]
+        former = [
+            m for m in views if not m.me and wanted and any(
+                skeleton(e) == wanted for e in earlier(m)
+            )
+        ]
+        try:
+            found = unique_match(views, tests, several=several, missing=missing)
+        except ClientError as exc:
+            if exc is not missing:
+                raise
+            if len(former) != 1:
+                raise several if former else missing from None
+            found = former[0]
+        if any(m.key.sign != found.key.sign for m in former):
+            raise several  # a name one member had before and another has now
+        if found.me:
+            raise yourself or ClientError(f"{query!r} is you", hint="name another member")
+        return found
 
     @staticmethod
     def safety(room: Room, member: MemberView) -> SafetyNumber:

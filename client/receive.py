@@ -12,6 +12,7 @@ the message changed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from backchannel.protocol.encoding import decode
@@ -30,6 +31,7 @@ from .errors import Departed
 from .forks import Forks
 from .membership import Membership
 from .peers import Peers
+from .records import ProfileRecord
 from .relay import Frame, RelaySocket
 from .repair import Link, Repair
 from .room import Room, Rooms
@@ -70,6 +72,17 @@ def _i(v: Any) -> int:
     return v
 
 
+def _claimed(value: dict[str, Any]) -> int | None:
+    """When a payload says it was sent (ms), or None; only a claim, bounded when shown.
+    ``ms`` refines ``ts`` (seconds, what every release sends) where they agree."""
+    ts, ms = value.get("ts"), value.get("ms")
+    if isinstance(ts, bool) or not isinstance(ts, int):
+        return None
+    if isinstance(ms, int) and not isinstance(ms, bool) and ms // 1000 == ts:
+        return ms
+    return ts * 1000
+
+
 class Receiver:
     def __init__(
         self,
@@ -87,6 +100,8 @@ class Receiver:
         self.peers, self.transcript = peers, transcript
         self.forks = forks
         self.repair = Repair(ctx.store, rooms)
+        #: Our profile, handed out with our sender key (set by the client).
+        self.profile: Callable[[], ProfileRecord] | None = None
 
     async def pump(
         self, sock: RelaySocket, rooms: list[Room], *, idle: float = 0.5, forever: bool = False
@@ -123,6 +138,8 @@ class Receiver:
                     with self.ctx.store.transaction():
                         for room in rooms:
                             self.senderkeys.report_lost_tails(room)
+                            room.live = True
+                            self.transcript.raise_floor(room)
                 caught_up = True
                 continue
             await self.handle_frame(sock, by_id, frame)
@@ -173,11 +190,17 @@ class Receiver:
             room = rooms.get(_b(frame["room"]))
             if room is not None:
                 await self.membership.sync_log(room)
+                await self._hand_out(sock, room)
         elif frame.type == "error":
             room_id = frame.get("room")
             text = f"the relay reported: {frame.get('detail')} ({frame.get('code')})"
             if isinstance(room_id, bytes) and room_id in rooms:
                 self.transcript.warn(rooms[room_id], text)
+
+    async def _hand_out(self, sock: RelaySocket, room: Room) -> None:
+        """Our sender key to members who lack it (a joiner, on seeing its join)."""
+        if room.status == "active" and self.profile is not None:
+            await self.senderkeys.distribute(sock, room, self.profile())
 
     # --- pairwise --------------------------------------------------------------------------
 
@@ -219,6 +242,9 @@ class Receiver:
         else:
             if kind == "keys":
                 await self.retry_stash(room, sender)  # messages that waited for this key
+                # A newcomer handing out its key is online: ours (with the title and
+                # our profile) goes to it now, not when we next speak.
+                await self._hand_out(sock, room)
             elif kind == "log":
                 # Judged after the transaction: it may ask the relay again.
                 await self.forks.check(room, sender, value)
@@ -237,11 +263,15 @@ class Receiver:
             title = value.get("title")
             if (
                 isinstance(title, str)
+                and title
                 and not room.title
                 and room.state.role_of(sender) == "facilitator"
             ):
-                room.title = title[:MAX_TITLE]
-                self.rooms.save(room)
+                old = self.rooms.retitle(room, title[:MAX_TITLE])
+                if old is not None:
+                    self.transcript.notice(
+                        room, f"this room is now called {room.name} here ({old} still works)"
+                    )
         elif kind == "log?":
             member = room.state.members.get(sender)
             if member is not None:
@@ -250,7 +280,9 @@ class Receiver:
             text = value.get("text")
             if not isinstance(text, str):
                 raise ProtocolError("a sidebar without text")
-            self.transcript.add(room, "sidebar", text, sender=sender, to=room.me)
+            self.transcript.add(
+                room, "sidebar", text, sender=sender, to=room.me, sent=_claimed(value)
+            )
         return str(kind), value
 
     # --- room messages ---------------------------------------------------------------------
@@ -331,7 +363,7 @@ class Receiver:
                 )
             else:
                 if key is not None and body is not None:
-                    self._show(room, envelope.sender, who, body)
+                    self._show(room, envelope.sender, who, body, envelope.epoch_pos)
                     gaps = key.missing()
                     if gaps:
                         missing = f"{len(gaps)} message(s) from {who} have not arrived"
@@ -350,7 +382,9 @@ class Receiver:
             room.cursor = seq
             self.rooms.save_cursor(room)
 
-    def _show(self, room: Room, sender: bytes, who: str, body: bytes) -> None:
+    def _show(
+        self, room: Room, sender: bytes, who: str, body: bytes, epoch_pos: int | None = None
+    ) -> None:
         """Record what an authenticated room message says. Its sender may be hostile:
         whatever the body holds is a refused message with a warning, never an error."""
         try:
@@ -366,7 +400,14 @@ class Receiver:
         if not isinstance(text, str):
             self.transcript.warn(room, f"an unreadable message from {who} was refused")
             return
-        self.transcript.add(room, "message", text, sender=sender)
+        # Under the rules it was sent under too: one sent before a rule change and read
+        # after it is shown and exported as that stricter mode allows.
+        mode = None
+        if epoch_pos is not None and 0 <= epoch_pos < len(room.log):
+            mode = room.log.state_at(epoch_pos).rules.mode
+        self.transcript.add(
+            room, "message", text, sender=sender, sent=_claimed(value), mode=mode
+        )
 
     def _authorise(self, room: Room, envelope: RoomEnvelope) -> None:
         """Judge a signature-checked envelope against our validated log.

@@ -196,6 +196,9 @@ class RoomRecord(Record):
     relay: str
     status: str
     problem: str | None = None
+    #: The name it had before its title arrived (rooms joined before it was known),
+    #: still accepted wherever a room is named; absent in rows of earlier releases.
+    alias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -338,6 +341,12 @@ class LineRecord(Record):
     #: The message's id (:func:`~.events.message_id`): absent for notices, warnings
     #: and lines of earlier releases.
     mid: bytes | None = None
+    #: The room's mode when a message or sidebar was recorded (see transcript.Line).
+    mode: str | None = None
+    #: When it was sent (ms), as shown: the sender's claim for what others sent,
+    #: bounded on receipt (client/transcript.py); ``ts`` stays when it was recorded.
+    #: Absent in lines of earlier releases, which were shown at ``ts``.
+    sent: int | None = None
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,12 @@ class RelayHttp:
         page = await self._request("GET", f"/v1/rooms/{room_id.hex()}/preview", signer=invite_seed)
         return [unb64(e) for e in page["events"]]
 
+    async def invite_log(self, invite_seed: bytes) -> list[bytes]:
+        """The log of the room that published this invite key (for a short code)."""
+        public = P.ed25519_public(invite_seed)
+        page = await self._request("GET", f"/v1/invites/{public.hex()}/log", signer=invite_seed)
+        return [unb64(e) for e in page["events"]]
+
     async def upload_prekeys(self, upload: bytes) -> dict[str, Any]:
         result: dict[str, Any] = await self._request(
             "PUT", "/v1/prekeys", body={"upload": b64(upload)}

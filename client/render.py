@@ -25,12 +25,23 @@ Markdown export escapes what Markdown would act on.
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
 _INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e\u115f\u1160\u3164\uffa0\u2800")
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
-_MD_SPECIAL = frozenset("\\`*_{}[]()<>#+-.!|~")
+#: Markdown acts on these wherever they stand (emphasis, code, links, tables, strikethrough).
+_MD_ALWAYS = frozenset("\\`*_[]~|")
+#: ``&`` only starts an entity (``&#x1b;``); ``<`` starts a tag, comment or autolink
+#: unless a space, digit, ``=``, ``-`` or ``<`` follows, or it opens one of our marks.
+_MD_ENTITY = re.compile(r"&(?=#?\w+;)")
+_MD_TAG = re.compile(r"<(?![\s\d=<-]|$|U\+[0-9A-F]{4,6}>)")
+#: What makes a block at the start of a line: heading, quote, list item, setext
+#: underline or thematic break (``*`` and ``_`` are escaped everywhere already).
+_MD_BLOCK = re.compile(
+    r"^(?P<lead> {0,3})(?P<token>#{1,6}(?=\s|$)|>|[-+](?=\s|$)|-+ *$|=+ *$|\d{1,9}(?=[.)](?:\s|$)))"
+)
 
 
 def _mark(ch: str) -> str:
@@ -80,6 +91,44 @@ def inert(text: str, *, multiline: bool = False, limit: int | None = None) -> st
     return result
 
 
-def markdown_escape(text: str) -> str:
-    """Inert text, escaped so Markdown renders it literally (no links, images, HTML)."""
-    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in inert(text, multiline=True))
+def _md_inline(line: str) -> str:
+    out = []
+    for i, ch in enumerate(line):
+        # "_" inside a word (snake_case) is no emphasis: only at a word's edge is it.
+        inside = 0 < i < len(line) - 1 and line[i - 1].isalnum() and line[i + 1].isalnum()
+        inside = inside and ch == "_"
+        out.append("\\" + ch if ch in _MD_ALWAYS and not inside else ch)
+    line = "".join(out)
+    line = _MD_ENTITY.sub(r"\\&", line)
+    return _MD_TAG.sub(r"\\<", line)
+
+
+def _md_line_start(line: str) -> str:
+    match = _MD_BLOCK.match(line)
+    if match is None:
+        return line
+    if match["token"][0].isdigit():  # "1." and "1)" start an ordered list: escape the mark
+        return line[: match.end()] + "\\" + line[match.end() :]
+    return match["lead"] + "\\" + line[len(match["lead"]) :]
+
+
+def markdown_escape(text: str, *, indent: str | None = None) -> str:
+    """Inert text that Markdown renders literally: no heading, link, image, HTML,
+    emphasis, code, table or list can come of it, and only what Markdown would act
+    on where it stands is escaped (``CANARY-ONE`` stays as it is).
+
+    Without ``indent`` the text is one line at an inline position (a title, a
+    name); line breaks show as marks. With ``indent`` line breaks are kept and
+    each further line starts with ``indent`` (a list item's content indent, so
+    the text stays inside its item) and is escaped for the start of a line.
+    """
+    if indent is None:
+        return _md_inline(inert(text))
+    first, *rest = inert(text, multiline=True).split("\n")
+    out = [_md_inline(first)]
+    for line in rest:
+        body = line.lstrip(" ")
+        # No-break spaces keep the indentation visible without making a code block.
+        lead = "\u00a0" * (len(line) - len(body))
+        out.append(indent + lead + _md_line_start(_md_inline(body)) if line else "")
+    return "\n".join(out)

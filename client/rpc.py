@@ -89,6 +89,19 @@ class DaemonClient:
                 raise RelayError("disconnected", "the daemon stopped following for us")
 
 
+#: What :func:`ask` returns when no daemon runs for the profile.
+NOT_RUNNING = object()
+
+
+def ask(home: Path, method: str, **params: Any) -> Any:
+    """The daemon's answer to one request, or :data:`NOT_RUNNING`."""
+    found = DaemonClient.connect(home)
+    if found is None:
+        return NOT_RUNNING
+    with found:
+        return found.call(method, **params)
+
+
 def _as_exception(error: dict[str, Any]) -> Exception:
     code, message = error.get("code"), str(error.get("message"))
     data = error.get("data") if isinstance(error.get("data"), dict) else {}

@@ -31,7 +31,7 @@ from .errors import Departed
 from .peers import Peers
 from .records import CounterRecord, DistributionRecord, ProfileRecord, Ring, StashItem, Table
 from .relay import RelayError, RelaySocket
-from .room import Room
+from .room import Room, names_shared
 from .sessions import Sessions
 from .transcript import Transcript
 
@@ -103,12 +103,13 @@ class SenderKeys:
         out = self.outbound(room)
         record = self._dist.get(room.room_id)
         done = set() if record is None else set(record.to)
+        named = names_shared(room)  # never once anonymous while we were in (room.py)
         for member in room.state.members.values():
             sign = member.key.sign
             if sign == room.me or sign in done:
                 continue
             payload: dict[str, Value] = {"skd": out.distribution().to_bytes(), "t": "keys"}
-            if room.state.rules.mode != "anonymous":
+            if named:
                 payload["name"] = profile.name
                 if profile.affiliation:
                     payload["aff"] = profile.affiliation

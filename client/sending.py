@@ -123,6 +123,10 @@ class Sender:
         if len(relays) != 1:
             raise ClientError("one relay at a time")
         active = [r for r in rooms if r.status == "active"]
+        for room in rooms:
+            # What this connection's catch-up brings may not precede the last time
+            # we were caught up here; only once caught up again is it "now".
+            self.membership.rooms.load_floor(room)
         sock = await RelaySocket.connect(
             relays.pop(), [r.key for r in active], proxy=self.ctx.proxy
         )
@@ -160,12 +164,13 @@ class Sender:
     ) -> None:
         await self.membership.sync_log(room)
         require_usable(room)
-        now = self.ctx.now()
+        ms = self.ctx.now_ms()
+        now = ms // 1000
         if to is not None:
             peer = room.state.members.get(to)
             if peer is None:
                 raise ClientError("that member is not in the room")
-            payload = {"t": "sidebar", "text": text, "ts": now}
+            payload = {"t": "sidebar", "text": text, "ts": now, "ms": ms}
             body = encode(payload)
             limit = await self.limit(room, PAIRWISE_MESSAGE)
             # Checked before a session is opened: opening one uses up a prekey of theirs.
@@ -179,13 +184,32 @@ class Sender:
             )
             self.transcript.add(room, "sidebar", text, sender=room.me, to=to)
             return
-        if room.state.role_of(room.me) == "observer":
-            raise ClientError("observers cannot post in this room")
-        body = encode({"t": "text", "text": text, "ts": now})
+        _may_post(room)
+        body = encode({"t": "text", "text": text, "ts": now, "ms": ms})
         limit = await self.limit(room, ROOM_MESSAGE)
         require_fits(text, body, None, limit)
         await self.senderkeys.distribute(sock, room, self.profile())
         await self.outbox.flush(sock, [room])  # anything older goes first
+        cid, envelope = self._seal_and_queue(room, text, body, limit, now)
+        await self.outbox.send(sock, room, cid, envelope, ts=now)
+
+    def queue_text(self, room: Room, text: str) -> None:
+        """With the relay unreachable: seal and queue a room message, shown at once and
+        sent by the next connection (:meth:`connect` flushes the outbox first). The
+        log and the relay's limits are as last known; a message the relay then
+        refuses for its size leaves the outbox with a warning, as any refused one."""
+        require_usable(room)
+        _may_post(room)
+        ms = self.ctx.now_ms()
+        now = ms // 1000
+        body = encode({"t": "text", "text": text, "ts": now, "ms": ms})
+        limit = Limit(ROOM_MESSAGE[0], "the protocol", ROOM_MESSAGE[1])
+        require_fits(text, body, None, limit)
+        self._seal_and_queue(room, text, body, limit, now)
+
+    def _seal_and_queue(
+        self, room: Room, text: str, body: bytes, limit: Limit, now: int
+    ) -> tuple[bytes, bytes]:
         cid = P.random_bytes(16)
         with self.ctx.store.transaction():
             envelope = self.senderkeys.seal(room, body)
@@ -194,4 +218,9 @@ class Sender:
             require_fits(text, body, len(envelope), limit)
             self.outbox.queue(room, cid, envelope, ts=now)
             self.transcript.add(room, "message", text, sender=room.me)
-        await self.outbox.send(sock, room, cid, envelope, ts=now)
+        return cid, envelope
+
+
+def _may_post(room: Room) -> None:
+    if room.state.role_of(room.me) == "observer":
+        raise ClientError("observers cannot post in this room")

@@ -324,6 +324,14 @@ class Store:
         ).fetchall()
         return [(n, self._open(encode(["messages", room_k, n]), bytes(v))) for n, v in rows]
 
+    def cap_expiry(self, room: bytes, n: int, expires: int) -> None:
+        """Bring a transcript row's deletion forward to ``expires`` (never back)."""
+        with self.transaction():
+            self._conn.execute(
+                "UPDATE messages SET expires = MIN(expires, ?) WHERE room = ? AND n = ?",
+                (expires, self._k("messages", room), n),
+            )
+
     def delete_messages(self, room: bytes) -> None:
         with self.transaction():
             self._conn.execute("DELETE FROM messages WHERE room = ?", (self._k("messages", room),))
@@ -380,6 +388,13 @@ def wipe(home: Path) -> bool:
     # Not counted as found: it holds only a PID, never state.
     (home / LOCK_NAME).unlink(missing_ok=True)
     return found
+
+
+def hold(home: Path) -> io.FileIO:
+    """Take the profile lock without opening the store (``wipe`` holds it, so that
+    no process opens the profile while it is destroyed); :class:`ProfileInUse` if
+    another process has it. Close the result to let go."""
+    return _lock(home)
 
 
 def _lock(home: Path) -> io.FileIO:

@@ -12,8 +12,12 @@ from typing import Any
 
 from backchannel.protocol import roomlog as L
 
-from .core import Client, Line, MemberView, NameTag, Room
+from .core import Client, Line, MemberView, NameTag, Room, pseudonym
 from .render import inert, json_text, markdown_escape
+from .room import stricter
+
+#: Where the second and later lines of a multi-line message start in plain ``read``.
+CONTINUATION = " " * 4
 
 
 def when(ts: int) -> str:
@@ -59,9 +63,18 @@ def member_json(m: MemberView) -> dict[str, Any]:
     }
 
 
+def line_mode(r: Room, line: Line) -> str:
+    """The rules a line is shown and exported under: the stricter of the room's mode
+    when it was recorded and now, so a rule change never exposes what was said before."""
+    now = r.state.rules.mode
+    return stricter(line.mode or now, now)
+
+
 def speaker(c: Client, r: Room, line: Line, *, as_you: bool = True) -> str | None:
     if line.sender is None:
         return None
+    if line_mode(r, line) == "anonymous" and not (line.mine and as_you):
+        return pseudonym(r.room_id, line.sender)
     # Labels come inert and bounded (names.unique_names); cutting one here could
     # cut off the suffix that tells two members apart.
     return inert(c.display_name(r, line.sender, as_you=as_you))
@@ -86,6 +99,8 @@ def format_line(c: Client, r: Room, line: Line, as_json: bool) -> str:
     # One look-up per line for both the name and the mark.
     tag = None if line.sender is None else c.tag(r, line.sender)
     who = None if tag is None else inert(tag.name)
+    if who is not None and not line.mine and line_mode(r, line) == "anonymous":
+        who = pseudonym(r.room_id, line.sender or b"")  # said while the room was anonymous
     if as_json:
         return json_text(
             {
@@ -102,26 +117,36 @@ def format_line(c: Client, r: Room, line: Line, as_json: bool) -> str:
                 "verified": tag is not None and tag.verified and not line.mine,
             },
         )
-    text = inert(line_text(c, r, line), multiline=False)
     if line.kind == "notice":
-        return f"[{when(line.ts)}] * {text}"
+        return f"[{when(line.ts)}] * {inert(line_text(c, r, line))}"
     if line.kind == "warning":
-        return f"[{when(line.ts)}] ! {text}"
-    prefix = "(sidebar) " if line.kind == "sidebar" else ""
+        return f"[{when(line.ts)}] ! {inert(line_text(c, r, line))}"
+    prefix = ""
+    if line.kind == "sidebar":
+        # Whose sidebar it is: ours name the other end, or a reader could not tell to whom.
+        if line.mine:
+            prefix = f"(sidebar to {inert(c.display_name(r, line.to or b''))}) "
+        else:
+            prefix = f"(sidebar from {who}) "
     badge = "?" if tag is None else mark(line, tag)
+    # Continuation lines are indented, so no line of a message can pass for a line of its
+    # own (every real one starts with its time); what they hold is inert all the same.
+    text = inert(line_text(c, r, line), multiline=True).replace("\n", "\n" + CONTINUATION)
     return f"[{when(line.ts)}] {prefix}{badge} {who}: {text}"
 
 
 def render_export(c: Client, r: Room, fmt: str) -> str:
     mode = r.state.rules.mode
-    attributed = mode == "attributed"
     lines = [line for line in c.lines(r) if line.kind == "message"]
+    named = {line.n for line in lines if line_mode(r, line) == "attributed"}
     header = {
         "chatham": "Chatham House rule: this record may be used, but no statement may be "
         "attributed to a speaker or their affiliation.",
         "anonymous": "Anonymous room: speakers are not identified.",
         "attributed": "On the record: statements are attributed.",
     }[mode]
+    if mode == "attributed" and len(named) < len(lines):
+        header += " Statements made before the room went on the record are not attributed."
     if fmt == "json":
         return json_text(
             {
@@ -132,7 +157,7 @@ def render_export(c: Client, r: Room, fmt: str) -> str:
                     {
                         "time": when(line.ts)[:13] + ":00",
                         "text": line.text,
-                        **({"from": speaker(c, r, line, as_you=False)} if attributed else {}),
+                        **({"from": speaker(c, r, line, as_you=False)} if line.n in named else {}),
                     }
                     for line in lines
                 ],
@@ -142,7 +167,10 @@ def render_export(c: Client, r: Room, fmt: str) -> str:
     out = [f"# {markdown_escape(r.title or 'Untitled dialogue')}", "", f"> {header}", ""]
     for line in lines:
         # Named as the others see us: "you" means someone else to every other reader.
+        attributed = line.n in named
         name = speaker(c, r, line, as_you=False) if attributed else None
         who = f"**{markdown_escape(name or '')}**: " if attributed else ""
-        out.append(f"- {when(line.ts)[:13]}:00 — {who}{markdown_escape(line.text)}")
+        # Further lines indented by the item's content indent ("- "), so they stay in it.
+        text = markdown_escape(line.text, indent="  ")
+        out.append(f"- {when(line.ts)[:13]}:00 — {who}{text}")
     return "\n".join(out) + "\n"

@@ -1,4 +1,6 @@
-"""Invite codes: what a facilitator hands a joiner out of band (DESIGN.md §3 "Invites").
+"""Long invite codes (``bcinv1``): what a facilitator handed a joiner out of band
+(DESIGN.md §3 "Invites") before the short codes of :mod:`.shortcode`, which new
+invites use; clients still read these (:func:`.shortcode.read_invite`).
 
 A code carries the relay URL, the room id, the invite key's private seed and
 the first 16 bytes of the room creator's fingerprint, so the joiner can check

@@ -63,7 +63,16 @@ Role: TypeAlias = Literal["facilitator", "participant", "observer"]
 ROLES: Final[tuple[Role, ...]] = ("facilitator", "participant", "observer")
 Mode: TypeAlias = Literal["chatham", "attributed", "anonymous"]
 MODES: Final[tuple[Mode, ...]] = ("chatham", "attributed", "anonymous")
-EVENT_TYPES: Final = ("create", "invite", "join", "remove", "leave", "set_role", "set_rules")
+EVENT_TYPES: Final = (
+    "create",
+    "invite",
+    "join",
+    "remove",
+    "leave",
+    "set_role",
+    "set_rules",
+    "revoke",
+)
 
 
 # --- errors local to the log ------------------------------------------------------------
@@ -327,8 +336,31 @@ class SetRulesEvent:
         return {"author": self.author, "rules": self.rules.to_value()}
 
 
+@dataclass(frozen=True, slots=True)
+class RevokeEvent:
+    """A facilitator withdraws an invite before it expires or is used up."""
+
+    KIND: ClassVar[str] = "revoke"
+    pos: int
+    prev: bytes
+    ts: int
+    author: bytes
+    invite: bytes
+    sig: bytes = field(default=_NO_SIG, repr=False)
+
+    def body(self) -> dict[str, Value]:
+        return {"author": self.author, "invite": self.invite}
+
+
 Event: TypeAlias = (
-    CreateEvent | InviteEvent | JoinEvent | RemoveEvent | LeaveEvent | SetRoleEvent | SetRulesEvent
+    CreateEvent
+    | InviteEvent
+    | JoinEvent
+    | RemoveEvent
+    | LeaveEvent
+    | SetRoleEvent
+    | SetRulesEvent
+    | RevokeEvent
 )
 
 
@@ -433,6 +465,15 @@ def decode_event(data: bytes, *, max_size: int = DEFAULT_LIMITS.max_event_size) 
             author=author,
             target=r.blob("target", P.ED25519_PUBLIC_SIZE),
             role=r.text("role", 16, ROLES),  # type: ignore[arg-type]
+            sig=sig,
+        )
+    elif kind == "revoke":
+        event = RevokeEvent(
+            pos=pos,
+            prev=prev,
+            ts=ts,
+            author=author,
+            invite=r.blob("invite", P.ED25519_PUBLIC_SIZE),
             sig=sig,
         )
     else:  # "set_rules": EVENT_TYPES leaves no other value
@@ -701,6 +742,10 @@ def _check_authority(state: RoomState, event: Event, limits: LogLimits) -> None:
             raise MembershipError("cannot demote the last facilitator")
     elif isinstance(event, SetRulesEvent):
         _require_facilitator(state, event.author)
+    elif isinstance(event, RevokeEvent):
+        _require_facilitator(state, event.author)
+        if event.invite not in state.invites:
+            raise InvalidInvite("unknown invite")
 
 
 def _check_join(state: RoomState, event: JoinEvent, limits: LogLimits) -> None:
@@ -781,6 +826,10 @@ def _fold(state: RoomState | None, event: Event, digest: bytes) -> RoomState:
         members = {k: m for k, m in members.items() if k != gone}
     elif isinstance(event, SetRoleEvent):
         members = {**members, event.target: replace(members[event.target], role=event.role)}
+    elif isinstance(event, RevokeEvent):
+        # Kept, with no uses left, rather than deleted: the key must stay known so
+        # that it can never be invited again or become a half of a member key.
+        invites = {**invites, event.invite: replace(invites[event.invite], uses_left=0)}
     else:
         rules = event.rules
     return RoomState(
@@ -1138,4 +1187,21 @@ def make_set_rules(
 ) -> bytes:
     pos, prev, ts = _next(state, ts)
     event = SetRulesEvent(pos=pos, prev=prev, ts=ts, author=facilitator.public.sign, rules=rules)
+    return _finish(event, facilitator, state, check, limits)
+
+
+def make_revoke(
+    facilitator: MemberKeyPair,
+    state: RoomState,
+    invite: bytes,
+    ts: int,
+    *,
+    check: bool = True,
+    limits: LogLimits = DEFAULT_LIMITS,
+) -> bytes:
+    """A ``revoke``: the invite with public key ``invite`` admits nobody from now on."""
+    pos, prev, ts = _next(state, ts)
+    event = RevokeEvent(
+        pos=pos, prev=prev, ts=ts, author=facilitator.public.sign, invite=bytes(invite)
+    )
     return _finish(event, facilitator, state, check, limits)

@@ -89,11 +89,26 @@ def _imports_anywhere(path: Path) -> set[str]:
     return names
 
 
+#: The chat screen is these modules; the command is ``cli.py`` (and any ``cli_*.py``).
+SCREEN = ("tui.py", "tui_*.py")
+
+
+def _front_end(patterns: tuple[str, ...]) -> dict[str, Path]:
+    found = {}
+    for pattern in patterns:
+        for path in (ROOT / "client").glob(pattern):
+            found[path.stem] = path
+    return found
+
+
 def test_the_command_and_the_chat_screen_do_not_import_each_other() -> None:
-    cli = _imports_anywhere(ROOT / "client" / "cli.py")
-    tui = _imports_anywhere(ROOT / "client" / "tui.py")
-    assert not {".tui", "backchannel.client.tui"} & cli
-    assert not {".cli", "backchannel.client.cli"} & tui
+    screen = _front_end(SCREEN)
+    command = _front_end(("cli.py", "cli_*.py"))
+    assert {"tui", "tui_commands", "tui_widgets"} <= set(screen)
+    for mine, theirs in ((command, screen), (screen, command)):
+        forbidden = {n for stem in theirs for n in (f".{stem}", f"backchannel.client.{stem}")}
+        for stem, path in mine.items():
+            assert not forbidden & _imports_anywhere(path), stem
 
 
 def test_protocol_imports_nothing_from_the_relay_or_the_client() -> None:

@@ -126,6 +126,10 @@ class Events(BaseModel):
     length: int
 
 
+class InviteLog(Events):
+    room_id: str
+
+
 class PrekeysStored(BaseModel):
     stored: int
     counts: dict[str, int]
@@ -258,16 +262,16 @@ async def read_events(
     return {"events": [b64e(e) for e in events], "length": length}
 
 
-@router.get("/rooms/{room_id}/preview", response_model=Events)
-async def preview(room_id: str, key: SignedKey, store: StoreDep) -> Any:
-    """The whole log, for the holder of a valid invite key (signs the request with it)."""
-    room = parse_id(room_id, "room id")
+async def _invite_state(store: Store, room: bytes, key: bytes) -> roomlog.RoomState:
+    """The room's state if ``key`` is one of its invites that can still admit someone;
+    one answer for every other case, so it tells a stranger nothing about the room."""
+    refused = RelayError("invalid_invite", 403, "no valid invite with this key")
     try:
         state = await store.room_state(room)
     except RelayError as exc:
         if exc.code == STORAGE_UNAVAILABLE:
             raise
-        raise RelayError("invalid_invite", 403, "no valid invite with this key") from None
+        raise refused from None
     invite = state.invites.get(key)
     if (
         invite is None
@@ -275,9 +279,31 @@ async def preview(room_id: str, key: SignedKey, store: StoreDep) -> Any:
         or int(store.clock()) > invite.expires
         or state.role_of(invite.creator) != "facilitator"
     ):
-        raise RelayError("invalid_invite", 403, "no valid invite with this key")
+        raise refused
+    return state
+
+
+@router.get("/rooms/{room_id}/preview", response_model=Events)
+async def preview(room_id: str, key: SignedKey, store: StoreDep) -> Any:
+    """The whole log, for the holder of a valid invite key (signs the request with it)."""
+    room = parse_id(room_id, "room id")
+    state = await _invite_state(store, room, key)
     events, length = await store.read_events(room, -1, state.length)
     return {"events": [b64e(e) for e in events], "length": length}
+
+
+@router.get("/invites/{invite}/log", response_model=InviteLog)
+async def invite_log(invite: str, key: SignedKey, store: StoreDep) -> Any:
+    """The room that published ``invite`` and its whole log, for a short invite code
+    (which names no room). Signed by that invite key; an unknown key costs one
+    lookup and gets the same 403 as an expired one, so no one can list rooms."""
+    wanted = parse_id(invite, "invite key")
+    room = await store.invite_room(key) if wanted == key else None
+    if room is None:
+        raise RelayError("invalid_invite", 403, "no valid invite with this key")
+    state = await _invite_state(store, room, key)
+    events, length = await store.read_events(room, -1, state.length)
+    return {"room_id": room.hex(), "events": [b64e(e) for e in events], "length": length}
 
 
 @router.put("/prekeys", response_model=PrekeysStored)

@@ -28,12 +28,25 @@ def token_hash(token: str) -> bytes:
     return hashlib.blake2b(token.encode(), digest_size=32).digest()
 
 
-async def spend_token(session: AsyncSession, token: str) -> bool:
-    """Delete the creation token inside the caller's transaction; ``False`` if it is unknown."""
+def spent_hash(token: str) -> bytes:
+    """The row a spent token leaves, so that a second use can be told from a typo; a
+    different hash, so that it can never be spent as a token itself."""
+    return hashlib.blake2b(token.encode(), digest_size=32, person=b"bc-spent-token").digest()
+
+
+async def spend_token(session: AsyncSession, token: str, now: int) -> str:
+    """Spend the creation token inside the caller's transaction: ``"ok"``, ``"used"``
+    (spent before) or ``"unknown"``."""
     used = await session.execute(
         delete(CreationToken).where(CreationToken.token_hash == token_hash(token))
     )
-    return (used.rowcount or 0) == 1  # type: ignore[attr-defined]
+    if (used.rowcount or 0) == 1:  # type: ignore[attr-defined]
+        session.add(CreationToken(token_hash=spent_hash(token), created_at=now))
+        return "ok"
+    spent = await session.scalar(
+        select(CreationToken.token_hash).where(CreationToken.token_hash == spent_hash(token))
+    )
+    return "unknown" if spent is None else "used"
 
 
 class HousekeepingStore(BaseStore):

@@ -36,7 +36,7 @@ from ..errors import RelayError, from_protocol
 from ..logging import get_logger
 from .engine import BaseStore, unavailable
 from .housekeeping import spend_token
-from .models import LogEvent, Room, RoomMember, coarse
+from .models import LogEvent, Room, RoomInvite, RoomMember, coarse
 
 log = get_logger("backchannel.relay.storage")
 T = TypeVar("T")
@@ -172,7 +172,10 @@ class RoomStore(BaseStore):
             if need_token:
                 if not token:
                     raise RelayError("creation_token_required", 403)
-                if not await spend_token(session, token):
+                spent = await spend_token(session, token, coarse(self.clock()))
+                if spent == "used":
+                    raise RelayError("creation_token_used", 403)
+                if spent != "ok":
                     raise RelayError("bad_creation_token", 403)
             session.add(
                 Room(
@@ -294,6 +297,9 @@ class RoomStore(BaseStore):
                     .where(RoomMember.room_id == room_id, RoomMember.member == gone)
                     .values(left_pos=new.pos)
                 )
+            elif isinstance(event, roomlog.InviteEvent):
+                if await session.get(RoomInvite, event.invite) is None:
+                    session.add(RoomInvite(invite=event.invite, room_id=room_id))
             elif isinstance(event, roomlog.SetRoleEvent):
                 await session.execute(
                     update(RoomMember)
@@ -398,6 +404,13 @@ class RoomStore(BaseStore):
             except _Conflict:
                 await asyncio.sleep(0)
         raise RelayError("conflict", 409, "the log moved on concurrently; retry")
+
+    async def invite_room(self, invite: bytes) -> bytes | None:
+        """The room that first published the invite key ``invite``, if any."""
+        async with self.reading() as session:
+            return await session.scalar(
+                select(RoomInvite.room_id).where(RoomInvite.invite == invite)
+            )
 
     async def membership(self, room_id: bytes, member: bytes) -> RoomMember | None:
         async with self.reading() as session:

@@ -19,7 +19,6 @@ from backchannel.client.relay import RelayError, b64, unb64
 from backchannel.protocol import primitives as P
 from backchannel.protocol import roomlog as L
 from backchannel.protocol.encoding import decode
-from backchannel.protocol.invite import InviteCode
 from backchannel.protocol.keys import (
     MemberKeyPair,
     PreKeyBundle,
@@ -27,6 +26,7 @@ from backchannel.protocol.keys import (
     generate_x25519_prekey,
 )
 from backchannel.protocol.senderkey import OutboundSenderKey
+from backchannel.protocol.shortcode import read_invite
 from tests.adversarial.malicious import Conn, Frame, HttpExchange, Tamper, store_unchecked
 from tests.client.helpers import People, heard, online, room_with, say
 from tests.server.helpers import FakeClock
@@ -526,7 +526,7 @@ async def test_invite_abuse_in_the_log_locks_the_room(
         code = await fac.invite(room, "participant", 3600, 1)
         await people.new("first").join(code, accept_rules=lambda r: True)
         await online(ann, ann_room)
-        seed = InviteCode.from_text(code).invite_seed
+        seed = read_invite(code).invite_seed
         forged = L.make_join(MemberKeyPair.generate(), seed, ann_room.state, now(), check=False)
     elif kind == "expired":
         event, seed = L.make_invite(room.key, state, "participant", now() + 60, 1, now())
@@ -556,7 +556,7 @@ async def test_look_alike_room_for_an_invite_is_refused(people: People, tamper: 
     fake_log.append(L.make_create(fake, L.Rules(mode="attributed"), now()))
 
     def hook(x: HttpExchange) -> None:
-        if x.path.endswith("/preview") and x.status == 200:
+        if x.path.endswith(("/preview", "/log")) and x.status == 200:
             x.body["events"] = [b64(e) for e in fake_log.events]
 
     tamper.http = hook

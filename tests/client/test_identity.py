@@ -98,7 +98,7 @@ async def test_two_members_named_alike_are_told_apart_everywhere(people: People)
 
     # In `members`, and in what one can type to name a member.
     shown = {m.key.sign: m.name for m in ann.members(ann_room)}
-    assert shown == {ann_room.me: "you", room.me: real, imp_room.me: fake}
+    assert shown == {ann_room.me: "Ann", room.me: real, imp_room.me: fake}  # ours: our name
     with pytest.raises(ClientError, match="several members"):
         ann.member(ann_room, "Farida Zaman")
     assert ann.member(ann_room, fake).key.sign == imp_room.me
@@ -204,7 +204,10 @@ async def test_a_member_called_you_never_shows_as_the_reader(people: People) -> 
                 assert '" ·' in label
             assert " you: " not in text
         assert len(labels) == len(joined)  # everyone else, told apart
-        assert [m.name for m in reader.members(r)].count("you") == 1
+        listed = reader.members(r)
+        # Nobody is listed as "you", not even we: `me` marks our own entry.
+        assert "you" not in [m.name for m in listed]
+        assert [m.me for m in listed].count(True) == 1
         md = render_export(reader, r, "md")
         assert "**you**" not in md
         assert '**"you" ·' in md  # the one who called itself "you", quoted and suffixed
@@ -260,8 +263,8 @@ async def test_pseudonyms_agree_across_clients_and_collisions_are_flagged(
     # Impossible by chance now, but a collision would still be told apart.
     monkeypatch.setattr("backchannel.client.peers.pseudonym", lambda room_id, sign: "same")
     shown = {m.key.sign: m.name for m in fac.members(room)}
-    assert shown[room.me] == "you"
-    assert shown[ann_room.me] != shown[bob_room.me]
+    assert shown[room.me] != "you"  # our own pseudonym, told apart like the others
+    assert len({shown[room.me], shown[ann_room.me], shown[bob_room.me]}) == 3
     for sign in (ann_room.me, bob_room.me):
         base, digits = suffix_of(shown[sign])
         assert base == "same"

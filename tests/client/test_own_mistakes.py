@@ -72,6 +72,7 @@ async def test_the_relay_publishes_its_limits_and_the_client_asks_once(
         "max_frame_bytes": relay.settings.max_frame_bytes,
         "max_event_bytes": relay.settings.max_event_bytes,
         "max_mailbox_depth": relay.settings.max_mailbox_depth,
+        "max_inflight_writes": relay.settings.max_inflight_writes,
     }
     assert await http.limits() is limits
 

@@ -83,7 +83,7 @@ def test_display_name_is_you_then_learned_name_then_pseudonym(tmp_path: Path) ->
     assert peers.display_name(room, bob.public.sign) == pseudonym(room.room_id, bob.public.sign)
     views = peers.members(room)
     assert views[0].me
-    assert views[0].name == "you"
+    assert views[0].name == pseudonym(room.room_id, room.me)  # no profile name here
     assert views[0].role == "facilitator"
     ann_view = next(m for m in views if m.key.sign == ann.public.sign)
     assert (ann_view.name, ann_view.affiliation) == ("Ann", "Institute")

@@ -106,7 +106,7 @@ def command(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_the_command_refuses_an_open_profile_with_one_error_and_a_hint(tmp_path: Path) -> None:
     home = tmp_path / "ann"
     # Nothing listens on port 9: reaching the network would be a different error.
-    made = command(home, "init", "--relay", "http://127.0.0.1:9", "--name", "Ann")
+    made = command(home, "init", "--relay", "http://127.0.0.1:9", "--name", "Ann", "--offline")
     assert made.returncode == 0, made.stderr
     store = Store.open(home, PASSPHRASE)
     try:

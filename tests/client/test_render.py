@@ -62,9 +62,10 @@ def test_limit_truncates_visibly() -> None:
 
 def test_markdown_is_escaped() -> None:
     out = markdown_escape("[link](http://evil) ![img](x) <script> *bold* # head")
-    assert "\\[link\\]\\(http://evil\\)" in out
-    assert "\\<script\\>" in out
+    assert "\\[link\\](http://evil)" in out  # no link without its brackets
+    assert "\\<script>" in out
     assert "\\*bold\\*" in out
+    assert "# head" in out  # not at the start of a line: no heading to escape
 
 
 def test_a_relays_error_detail_reaches_the_terminal_inert(

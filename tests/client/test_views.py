@@ -100,9 +100,11 @@ def test_format_line_json_and_text(tmp_path: Path) -> None:
     assert shown[0]["ts"] == lines[0].ts
     stamp = f"[{when(lines[0].ts)}]"
     assert [format_line(c, room, line, False) for line in lines] == [
-        f"{stamp} ? {ann_name}: hello<U+000A>there",  # one line per entry; "?": not verified
-        f"{stamp} (sidebar) • you: psst",
-        f"{stamp} (sidebar) ? {ann_name}: psst back",
+        # A further line of a message is indented under it; "?": not verified.
+        f"{stamp} ? {ann_name}: hello\n    there",
+        # Whose sidebar it is, either way.
+        f"{stamp} (sidebar to {ann_name}) • you: psst",
+        f"{stamp} (sidebar from {ann_name}) ? {ann_name}: psst back",
         f"{stamp} * Ann joined",
         f"{stamp} ! a replayed message from Ann was dropped",
     ]
@@ -175,7 +177,13 @@ def test_room_and_member_json_keys(tmp_path: Path) -> None:
     members = [member_json(m) for m in c.members(room)]
     assert all(set(m) == MEMBER_KEYS for m in members)
     me, other = members
-    assert (me["name"], me["role"], me["me"], me["verified"]) == ("you", "facilitator", True, False)
+    # Our own label, as the others see us (here our pseudonym); "me" says it is ours.
+    assert (me["name"], me["role"], me["me"], me["verified"]) == (
+        pseudonym(room.room_id, room.me),
+        "facilitator",
+        True,
+        False,
+    )
     assert other == {
         "name": pseudonym(room.room_id, ann),
         "affiliation": None,

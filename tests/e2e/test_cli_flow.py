@@ -98,7 +98,7 @@ def test_chatham_room_end_to_end(tmp_path: Path, relay: RelayServer) -> None:
     assert room  # the local name, alone on stdout
     code_p = fac.out("invite", room, "--uses", "2")
     code_o = fac.out("invite", room, "--role", "observer")
-    assert code_p.startswith("bcinv1-")
+    assert code_p.startswith(f"{relay.url} bcinv2-")
 
     local = {
         "ann": p["ann"].out("join", code_p, "--accept-rules"),
@@ -209,7 +209,7 @@ def test_hostile_text_is_shown_inert(tmp_path: Path, relay: RelayServer) -> None
     assert "<U+001B>]0;owned<U+0007>" in plain
     exported = p["fac"].out("export", room, "--format", "md")
     assert "\x1b" not in exported
-    assert "\\<script\\>" in exported
+    assert "\\<script>" in exported  # no tag without its "<"
 
 
 def test_errors_are_one_line_without_tracebacks(tmp_path: Path, relay: RelayServer) -> None:
@@ -237,7 +237,7 @@ def test_errors_are_one_line_without_tracebacks(tmp_path: Path, relay: RelayServ
     assert wrong.returncode != 0
     assert "wrong passphrase" in wrong.stderr
     dead = Person(tmp_path / "dead", relay)
-    dead.run("init", "--relay", "http://127.0.0.1:9", "--name", "D")
+    dead.run("init", "--relay", "http://127.0.0.1:9", "--name", "D", "--offline")
     unreachable = dead.run("room", "create", "t", ok=False)
     assert unreachable.returncode != 0
     assert "cannot reach the relay" in unreachable.stderr

@@ -9,7 +9,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from backchannel.protocol import encoding, handshake, invite, keys, padding, ratchet, roomlog
+from backchannel.protocol import (
+    encoding,
+    handshake,
+    invite,
+    keys,
+    padding,
+    ratchet,
+    roomlog,
+    shortcode,
+)
 from backchannel.protocol import senderkey as sk
 from backchannel.protocol.envelope import RoomEnvelope
 
@@ -69,6 +78,7 @@ def decoders() -> tuple[Decoder, ...]:
     inbound = sk.InboundSenderKey.from_distribution(dist)
     inbound.open(RoomEnvelope.from_bytes(envelope))
     code = invite.InviteCode.for_room("http://127.0.0.1:8470", state, seed)
+    short = shortcode.ShortCode.for_room("http://127.0.0.1:8470", state, bytes(range(16)))
 
     return (
         Decoder(
@@ -115,6 +125,12 @@ def decoders() -> tuple[Decoder, ...]:
             "invite.InviteCode",
             invite.InviteCode.from_text,
             (code.to_text().encode(), code.to_text(group=0).encode()),
+            text=True,
+        ),
+        Decoder(
+            "shortcode.read_invite",
+            shortcode.read_invite,
+            (short.to_text().encode(), short.to_qr_text().encode(), code.to_text().encode()),
             text=True,
         ),
         Decoder(

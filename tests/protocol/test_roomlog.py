@@ -351,7 +351,7 @@ def test_rejects_join_acknowledging_other_rules() -> None:
     assert_rejected(log, join, L.RulesMismatch)
 
 
-@pytest.mark.parametrize("action", ["invite", "remove", "set_role", "set_rules"])
+@pytest.mark.parametrize("action", ["invite", "remove", "set_role", "set_rules", "revoke"])
 def test_rejects_facilitator_actions_by_participant(action: str) -> None:
     log = prefix_log(4)  # Alice and Bob are participants
     s = log.state
@@ -363,6 +363,9 @@ def test_rejects_facilitator_actions_by_participant(action: str) -> None:
         data = L.make_remove(ALICE, s, BOB.public, T0 + 40, check=False)
     elif action == "set_role":
         data = L.make_set_role(ALICE, s, ALICE.public, "facilitator", T0 + 40, check=False)
+    elif action == "revoke":
+        invite = P.ed25519_public(SCENARIO.seeds["first"])
+        data = L.make_revoke(ALICE, s, invite, T0 + 40, check=False)
     else:
         data = L.make_set_rules(ALICE, s, L.Rules("attributed"), T0 + 40, check=False)
     assert_rejected(log, data, NotAuthorized)
@@ -530,6 +533,50 @@ def test_invites_die_with_their_creators_authority() -> None:
     log.append(L.make_set_role(F, log.state, CAROL.public, "participant", T0 + 61))
     late = L.make_join(MALLORY, seed, log.state, T0 + 62, check=False)
     assert_rejected(log, late, InvalidInvite)
+
+
+def test_revoked_invite_admits_nobody() -> None:
+    log = prefix_log(3)  # the first invite has one use left after Alice
+    invite = P.ed25519_public(SCENARIO.seeds["first"])
+    data = L.make_revoke(F, log.state, invite, T0 + 25)
+    assert isinstance(L.decode_event(data), L.RevokeEvent)
+    log.append(data)
+    assert log.state.invites[invite].uses_left == 0
+    late = L.make_join(BOB, SCENARIO.seeds["first"], log.state, T0 + 30, check=False)
+    assert_rejected(log, late, InvalidInvite)
+    # The key stays known: it can be neither invited again nor become a member key.
+    seed = SCENARIO.seeds["first"]
+    again, _ = L.make_invite(
+        F, log.state, "participant", T0 + DAY, 1, T0 + 31, lambda _n: seed, check=False
+    )
+    assert_rejected(log, again, InvalidInvite)
+    # Revoking again is a no-op, like a repeated set_role.
+    log.append(L.make_revoke(F, log.state, invite, T0 + 32))
+    # validate_log refuses the same join inside a whole log.
+    with pytest.raises(InvalidInvite):
+        L.validate_log([*log.events, L.make_join(BOB, seed, log.state, T0 + 33, check=False)])
+
+
+def test_rejects_revoke_of_unknown_invite_or_by_departed() -> None:
+    log = prefix_log(3)
+    data = L.make_revoke(F, log.state, bytes(32), T0 + 25, check=False)
+    assert_rejected(log, data, InvalidInvite)
+    log = prefix_log(9)  # Alice removed at 7, Bob (an observer) left at 8
+    invite = P.ed25519_public(SCENARIO.seeds["co"])
+    for who in (ALICE, BOB, MALLORY):
+        data = L.make_revoke(who, log.state, invite, T0 + 95, check=False)
+        assert_rejected(log, data, NotAuthorized)
+
+
+def test_revoke_decodes_strictly() -> None:
+    log = prefix_log(3)
+    data = L.make_revoke(F, log.state, P.ed25519_public(SCENARIO.seeds["first"]), T0 + 25)
+    value = decode(data)
+    assert sorted(value) == ["author", "invite", "pos", "prev", "sig", "ts", "type", "v"]
+    with pytest.raises(DecodeError):
+        L.decode_event(encode({**value, "target": bytes(32)}))
+    with pytest.raises(DecodeError):
+        L.decode_event(encode({k: v for k, v in value.items() if k != "invite"}))
 
 
 def test_rejects_bad_invites() -> None:
@@ -897,6 +944,16 @@ class RoomModel(RuleBasedStateMachine):
         data = L.make_set_rules(POOL[who], self.log.state, rules, self.ts, check=False)
         if self.attempt(data, self.is_facilitator(who)):
             self.rules = rules
+
+    @precondition(lambda self: bool(self.invites))
+    @rule(n=PICK, anyone=RARELY, inv=PICK, unknown=RARELY)
+    def revoke(self, n: int, anyone: bool, inv: int, unknown: bool) -> None:
+        who = self.pick(n, anyone, roles=("facilitator",))
+        invite = self.invites[inv % len(self.invites)]
+        pk = self.rng(32) if unknown else P.ed25519_public(invite.seed)
+        data = L.make_revoke(POOL[who], self.log.state, pk, self.ts, check=False)
+        if self.attempt(data, self.is_facilitator(who) and not unknown):
+            invite.uses_left = 0
 
     @rule(pick=st.integers(0, 1000))
     def replay(self, pick: int) -> None:

@@ -58,8 +58,12 @@ class FakeClock:
 class RelayServer:
     """``create_app(settings)`` under a real uvicorn on 127.0.0.1 (in a thread)."""
 
-    def __init__(self, settings: Settings, clock: FakeClock | None = None) -> None:
-        self.sock = bind("127.0.0.1", 0)
+    def __init__(
+        self, settings: Settings, clock: FakeClock | None = None, *, port: int = 0
+    ) -> None:
+        # ``port``: a relay restarted where its clients know it (its origin is in
+        # every signature they make).
+        self.sock = bind("127.0.0.1", port)
         self.port = self.sock.getsockname()[1]
         self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
         self.clock = clock or FakeClock()

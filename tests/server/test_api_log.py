@@ -80,11 +80,11 @@ async def test_creation_token_policy(relay_factory: RelayFactory) -> None:
         assert r.status_code == 403
         assert r.json()["error"]["code"] == "bad_creation_token"
         await TestRoom.create(http, token=token)
-        # One use only.
+        # One use only, and a second use says so (not "bad token").
         data = roomlog.make_create(MemberKeyPair.generate(), roomlog.Rules(), now())
         r = await http.post("/v1/rooms", json={"event": b64e(data), "token": token})
         assert r.status_code == 403
-        assert r.json()["error"]["code"] == "bad_creation_token"
+        assert r.json()["error"]["code"] == "creation_token_used"
 
 
 async def test_append_and_duplicate_is_idempotent(http: httpx.AsyncClient) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from backchannel.protocol import primitives as P
 from backchannel.protocol import roomlog as L
+from backchannel.protocol.errors import InvalidInvite
 from backchannel.protocol.keys import MemberKeyPair
 from tests.protocol.drbg import Drbg
 
@@ -50,7 +52,37 @@ def generate() -> dict[str, Any]:
                 "hash": L.event_hash(data),
             }
         )
+    # A revoke continues the room in a copy, so the ten events above and their
+    # states stay as they were frozen before the event type existed.
+    more = L.validate_log(log.events)
+    ev, revoked_seed = L.make_invite(fac, more.state, "participant", T0 + DAY, 1, T0 + 100, rng)
+    more.append(ev)
+    more.append(L.make_revoke(fac, more.state, P.ed25519_public(revoked_seed), T0 + 110))
+    late = MemberKeyPair.generate(rng)
+    refused = L.make_join(late, revoked_seed, more.state, T0 + 120, check=False)
+    try:
+        more.append(refused)
+    except InvalidInvite:
+        pass
+    else:
+        raise AssertionError("a join under a revoked invite was accepted")
+    revoke = {
+        "invite_seed": revoked_seed,
+        "late_joiner": {"sign_seed": late.sign_seed, "dh_private": late.dh_private},
+        "events": [
+            {
+                "type": more.decoded(pos).KIND,
+                "bytes": more.event(pos),
+                "signed": L.signed_bytes(more.decoded(pos)),
+                "hash": L.event_hash(more.event(pos)),
+            }
+            for pos in (len(log), len(log) + 1)
+        ],
+        "state": more.state.summary(),
+        "refused_join": {"bytes": refused, "error": "invalid_invite"},
+    }
     return {
+        "revoke": revoke,
         "keys": {
             name: {"sign_seed": k.sign_seed, "dh_private": k.dh_private} for name, k in keys.items()
         },
