@@ -71,6 +71,18 @@ class RoomMember(Base):
     left_pos: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
+class RoomInvite(Base):
+    """Which room published an invite key, so a short invite code, which names no
+    room, can be looked up by the key (its log already shows the relay the key).
+    The first room to publish a key keeps it: another room copying the key from a
+    log it can read gets no row, so it cannot take over the lookup."""
+
+    __tablename__ = "room_invites"
+
+    invite: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    room_id: Mapped[bytes] = mapped_column(LargeBinary(32))
+
+
 class RoomMessage(Base):
     __tablename__ = "room_messages"
     __table_args__ = (UniqueConstraint("room_id", "sender", "client_id", name="uq_room_msg_cid"),)
