@@ -10,7 +10,6 @@ Text written by other members passes through :func:`render.inert` everywhere.
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
 from importlib import metadata
@@ -24,6 +23,15 @@ from backchannel.protocol import primitives as P
 from backchannel.protocol import roomlog as L
 from backchannel.protocol.errors import ProtocolError
 
+from .cli_via import (
+    NOT_RUNNING,
+    daemon_answer,
+    follow_every_room,
+    follow_via_daemon,
+    line_output,
+    print_members,
+    print_rooms,
+)
 from .cliutil import (
     DURATION_HELP,
     OPTS,
@@ -45,7 +53,7 @@ from .core import Client, ClientError, Line, MemberView, Room
 from .relay import Unreachable
 from .render import inert
 from .store import ProfileInUse, Store, hold, wipe
-from .views import describe_rules, format_line, member_json, render_export, room_json
+from .views import describe_rules, member_json, render_export, room_json
 
 __all__ = ["OPTS", "app", "err", "errors", "note", "passphrase"]
 
@@ -325,18 +333,11 @@ def rooms(as_json: JsonFlag = False) -> None:
     async def work(c: Client) -> list[Room]:
         return c.rooms()
 
-    found = run(work)
-    if as_json:
-        typer.echo(json.dumps([room_json(r) for r in found], indent=None))
-        return
-    if not found:
-        # On stderr: a script reading stdout sees no rooms, not a sentence.
-        note("no rooms yet: create one with `backchannel room create TITLE`, or join one")
-    for r in found:
-        typer.echo(
-            f"{r.name}\t{inert(r.title, limit=40)}\t{r.state.rules.mode}\t{r.status}"
-            f"\t{len(r.state.members)} members\t{r.room_id.hex()[:12]}"
-        )
+    with errors():
+        answer = daemon_answer("rooms")
+    if answer is NOT_RUNNING:
+        answer = [room_json(r) for r in run(work)]
+    print_rooms(answer, as_json, note)
 
 
 @app.command()
@@ -352,15 +353,11 @@ def members(room: RoomArg, as_json: JsonFlag = False) -> None:
                 note(OFFLINE)
         return c.members(r)
 
-    found = run(work)
-    if as_json:
-        typer.echo(json.dumps([member_json(m) for m in found]))
-        return
-    for m in found:
-        mark = "you" if m.me else ("verified" if m.verified else "unverified")
-        aff = f" ({inert(m.affiliation, limit=40)})" if m.affiliation else ""
-        # Not cut: the fingerprint suffix at the end of a label tells lookalikes apart.
-        typer.echo(f"{m.name}{aff}\t{m.role}\t{mark}\t{m.fingerprint[:16]}")
+    with errors():
+        answer = daemon_answer("members", room=room)
+    if answer is NOT_RUNNING:
+        answer = [member_json(m) for m in run(work)]
+    print_members(answer, as_json)
 
 
 @app.command()
@@ -382,7 +379,7 @@ def send(
         err("nothing to send", code=Exit.USAGE)
     yourself = ClientError("a sidebar goes to another member, not to you")
 
-    async def work(c: Client) -> None:
+    async def work(c: Client) -> bytes:
         r = c.room(room)
         online = False
         try:
@@ -390,36 +387,48 @@ def send(
                 online = True
                 await c.pump(sock, [r], idle=0.05)
                 target = None if to is None else c.member(r, to, yourself=yourself).key.sign
-                await c.send_text(sock, r, body, to=target)
+                return await c.send_text(sock, r, body, to=target)
         except Unreachable:
             # Only if nothing of this message was sealed yet; a sidebar needs a session.
             if online or to is not None or r.status != "active":
                 raise
-            c.queue_text(r, body)
+            mid = c.queue_text(r, body)
             note("relay unreachable — queued; will be sent when the relay is reachable")
+            return mid
 
-    run(work)
+    with errors():
+        answer = daemon_answer("send", room=room, text=body, to=to)
+    # The message's id, as every member's `read --json` and the daemon show it.
+    typer.echo(run(work).hex() if answer is NOT_RUNNING else answer["id"])
 
 
 @app.command()
 def read(
-    room: RoomArg,
+    room: Annotated[
+        str | None,
+        typer.Argument(metavar="[ROOM]", help=ROOM_HELP + " Without it, --follow follows all."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new messages (Ctrl-C stops).")
     ] = False,
 ) -> None:
-    """Fetch new messages and print the room's transcript."""
+    """Fetch new messages and print the room's transcript (or follow every room)."""
+    if room is None and not follow:
+        err("name a room, or pass --follow to follow every room", code=Exit.USAGE)
+    with errors():
+        if follow_via_daemon(room, as_json, follow):
+            return
 
     async def work(c: Client) -> None:
+        if room is None:
+            await until_wiped(follow_every_room(c, as_json), OPTS.home)
+            return
         r = c.room(room)
-        shown = -1
 
         def show(lines: list[Line]) -> None:
-            nonlocal shown
             for line in lines:
-                typer.echo(format_line(c, r, line, as_json))
-                shown = max(shown, line.n)
+                typer.echo(line_output(c, r, line, as_json))
 
         online = False
         if r.status == "active":

@@ -282,7 +282,7 @@ def _unreachable(exc: RelayError) -> tuple[str, str | None]:
             "the proxy could not reach the relay",
             "is the relay's URL right, and is the relay up?",
         )
-    return str(exc), "is the relay running, and the URL right?"
+    return str(exc), "is the relay running, and its URL right? `backchannel profile` shows it"
 
 
 #: The relay's refusals a user can act on, said plainly.

@@ -275,12 +275,13 @@ class Client:
 
     async def send_text(
         self, sock: RelaySocket, room: Room, text: str, *, to: bytes | None = None
-    ) -> None:
-        await self.sender.send_text(sock, room, text, to=to)
+    ) -> bytes:
+        """Send ``text`` (a sidebar with ``to``); returns its message id."""
+        return await self.sender.send_text(sock, room, text, to=to)
 
-    def queue_text(self, room: Room, text: str) -> None:
-        """Seal and queue a room message while the relay is unreachable."""
-        self.sender.queue_text(room, text)
+    def queue_text(self, room: Room, text: str) -> bytes:
+        """Seal and queue a room message while the relay is unreachable; its id."""
+        return self.sender.queue_text(room, text)
 
     async def replenish_prekeys(self, room: Room) -> None:
         await self.prekeys.replenish(room)

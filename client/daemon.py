@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
+from backchannel.protocol.envelope import MAX_ENVELOPE_SIZE
 from backchannel.protocol.errors import ProtocolError
 
 from .core import Client, ClientError, Line, Room
@@ -50,11 +52,13 @@ MAX_IN_FLIGHT = 1024
 MAX_QUEUED = 20_000
 #: Lines queued for one subscriber before it is dropped.
 MAX_BEHIND = 10_000
+MAX_SUBSCRIPTIONS = 4
 #: How long a ``send`` waits for a connection to the room's relay.
 CONNECT_WAIT = 10.0
 
 # JSON-RPC 2.0's own codes, and ours (docs/client.md lists them).
 PARSE_ERROR, INVALID_REQUEST, NO_METHOD, BAD_PARAMS = -32700, -32600, -32601, -32602
+INTERNAL = -32603
 REFUSED, RELAY, OFFLINE, BUSY = 1, 2, 3, 4
 
 
@@ -72,7 +76,11 @@ def _param(params: dict[str, Any], name: str, kind: type, default: Any = ...) ->
     value = params.get(name, default)
     if value is ...:
         raise RpcError(BAD_PARAMS, f"missing parameter {name!r}")
-    if value is not None and value is not default and not isinstance(value, kind):
+    if value is None and default is None:
+        return None
+    if value is default:
+        return value
+    if not isinstance(value, kind):
         raise RpcError(BAD_PARAMS, f"parameter {name!r} must be {kind.__name__}")
     if isinstance(value, bool) and kind is int:
         raise RpcError(BAD_PARAMS, f"parameter {name!r} must be int")
@@ -148,6 +156,11 @@ class Daemon:
     def _prepare_socket(self) -> None:
         run_dir = self.path.parent
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = run_dir.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise ClientError(
+                f"{run_dir} is not a directory of yours", hint="remove it and start again"
+            )
         os.chmod(run_dir, 0o700)
         if len(os.fsencode(self.path)) >= 104:
             raise ClientError(
@@ -190,11 +203,14 @@ class Daemon:
             return
         by_id = {r.room_id: r for r in rooms}
         async with contextlib.AsyncExitStack() as stack:
-            async with self.lock:
-                sock = await stack.enter_async_context(self.client.connect(rooms))
-                await self.client.pump(sock, rooms, idle=0.05)
-                for room in rooms:
-                    await self.client.retry_stash(room)
+            # Not under the lock: connecting and catching up wait on the network,
+            # and a relay (or a member posting steadily) could stretch that out for
+            # ever, stalling every other room. Nothing else touches these rooms'
+            # sending state meanwhile: sends wait for `connected`.
+            sock = await stack.enter_async_context(self.client.connect(rooms))
+            await self.client.pump(sock, rooms, idle=0.05)
+            for room in rooms:
+                await self.client.retry_stash(room)
             self.socks[relay] = sock
             self.connected[relay].set()
             try:
@@ -318,6 +334,10 @@ class Daemon:
             return _error(rid, code, str(exc), {"relay_code": exc.code})
         except ProtocolError as exc:
             return _error(rid, REFUSED, f"refused: {exc} ({exc.code})")
+        except Exception as exc:
+            # A bug, not the caller's mistake: answered (never left hanging), and
+            # named by type only, since an exception's text may hold what it was handling.
+            return _error(rid, INTERNAL, f"internal error ({type(exc).__name__})")
         if rid is None:
             return None  # a notification: no answer
         return {"jsonrpc": "2.0", "id": rid, "result": result}
@@ -351,12 +371,17 @@ class Daemon:
     async def m_read(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         room = self._room(params)
         after = _param(params, "after", int, -1)
-        limit = _param(params, "limit", int, 10_000)
+        limit = min(_param(params, "limit", int, 10_000), 10_000)
         lines = self.client.lines(room, after)[: max(0, limit)]
-        if _param(params, "format", str, "json") == "text":
-            # The command's own plain rendering, so `read` reads the same either way.
-            return [format_line(self.client, room, line, False) for line in lines]
-        return [line_event(self.client, room, line) for line in lines]
+        text = _param(params, "format", str, "json") == "text"
+        out = []
+        for line in lines:
+            event = line_event(self.client, room, line)
+            if text:
+                # The command's own plain rendering, so `read` reads the same either way.
+                event["line"] = format_line(self.client, room, line, False)
+            out.append(event)
+        return out
 
     async def m_send(self, params: dict[str, Any]) -> dict[str, Any]:
         room = self._room(params)
@@ -364,17 +389,30 @@ class Daemon:
         to = _param(params, "to", str, None)
         if not text:
             raise RpcError(BAD_PARAMS, "nothing to send")
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError:
+            raise RpcError(BAD_PARAMS, "the text is not valid Unicode (a lone surrogate)") from None
+        if size > MAX_ENVELOPE_SIZE:
+            # Refused before it is queued: memory holds only what could be sent.
+            raise ClientError(
+                f"this message is {size:,} bytes; the protocol takes at most "
+                f"{MAX_ENVELOPE_SIZE:,}", hint="shorten it or split it"
+            )
         sock = await self._sock(room)
         if to is not None:
             member = self.client.member(room, to)
             async with self.lock:
-                await self.client.send_text(sock, room, text, to=member.key.sign)
-            return {"id": None, "room": room.room_id.hex(), "ts": self.client.now()}
+                mid = await self.client.send_text(sock, room, text, to=member.key.sign)
+            return {"id": mid.hex(), "room": room.room_id.hex(), "ts": self.client.now()}
         item = await self._enqueue(room, text)
         if item.error is not None:
             raise item.error
         assert item.mid is not None
-        return {"id": item.mid.hex(), "room": room.room_id.hex(), "ts": item.ts}
+        answer: dict[str, Any] = {"id": item.mid.hex(), "room": room.room_id.hex(), "ts": item.ts}
+        if item.queued:
+            answer["queued"] = True
+        return answer
 
     async def m_stop(self, params: dict[str, Any]) -> dict[str, Any]:
         self.stop()
@@ -387,6 +425,8 @@ class Daemon:
         write: Callable[[dict[str, Any]], Awaitable[None]],
         rid: Any,
     ) -> dict[str, Any]:
+        if len(subs) >= MAX_SUBSCRIPTIONS:
+            raise RpcError(BAD_PARAMS, f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection")
         room = None if params.get("room") is None else self._room(params).room_id
         sub = Subscriber(room, text=_param(params, "format", str, "json") == "text")
         self.subscribers.add(sub)
@@ -418,10 +458,12 @@ class Daemon:
             raise RpcError(OFFLINE, "this room's relay is not connected")
         try:
             async with asyncio.timeout(CONNECT_WAIT):
-                await event.wait()
+                while (sock := self.socks.get(room.relay)) is None:
+                    await event.wait()
+                    await asyncio.sleep(0)  # the link may have dropped again meanwhile
         except TimeoutError:
             raise RpcError(OFFLINE, "the relay is unreachable; try again later") from None
-        return self.socks[room.relay]
+        return sock
 
     # --- the send queue: many callers, one batch per room at a time ------------------------
 
@@ -438,6 +480,17 @@ class Daemon:
         return await future
 
     async def _room_sender(self, room: Room) -> None:
+        try:
+            await self._room_sender_loop(room)
+        finally:
+            # Whatever ended it (a bug, a cancel): nobody waits for ever, and the
+            # next send starts a new one.
+            self._wake.pop(room.room_id, None)
+            for _, future in self._queued.pop(room.room_id, []):
+                if not future.done():
+                    future.set_exception(RpcError(INTERNAL, "the room's sender stopped"))
+
+    async def _room_sender_loop(self, room: Room) -> None:
         wake = self._wake[room.room_id]
         window = asyncio.Semaphore(2)
         while True:
@@ -471,7 +524,7 @@ class Daemon:
         are), less a margin for the pairwise sends and acks that share the count."""
         try:
             limits = await self.client.http(room.relay).limits()
-        except RelayError:
+        except Exception:  # an unreadable answer too: the safe size
             return MIN_BATCH
         return max(MIN_BATCH, min(MAX_BATCH, (limits["max_inflight_writes"] - 16) // 2))
 

@@ -11,30 +11,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from backchannel.protocol import primitives as P
-
-from .core import Client, Line, Room
+from .core import Client, Line, Room, pseudonym
 from .render import inert
-from .views import line_text
+from .transcript import message_id
+from .views import line_mode, line_text, speaker
+
+__all__ = ["SCHEMA", "line_event", "message_id"]
 
 #: Bumped only if a field ever had to change meaning (it never should).
 SCHEMA = 1
-_LABEL_ID = b"bc-message-id"
-ID_SIZE = 16
-
-
-def message_id(ciphertext: bytes) -> bytes:
-    """What sender and receivers both call one message: a digest of the exact bytes
-    that went through the relay (a room envelope, or a pairwise message)."""
-    return P.hash_bytes(_LABEL_ID, ciphertext, ID_SIZE)
 
 
 def line_event(c: Client, r: Room, line: Line) -> dict[str, Any]:
     tag = None if line.sender is None else c.tag(r, line.sender)
     member = None if line.sender is None else r.state.members.get(line.sender)
+    # Said while the room was anonymous: a pseudonym, whatever names are known now.
+    anonymous = line_mode(r, line) == "anonymous"
     peer = None
     if line.kind == "sidebar":
-        peer = inert(c.display_name(r, (line.to if line.mine else line.sender) or b""))
+        other = (line.to if line.mine else line.sender) or b""
+        peer = pseudonym(r.room_id, other) if anonymous else inert(c.display_name(r, other))
     mid = getattr(line, "mid", None)
     return {
         "schema": SCHEMA,
@@ -43,7 +39,7 @@ def line_event(c: Client, r: Room, line: Line) -> dict[str, Any]:
         "n": line.n,
         "id": None if mid is None else mid.hex(),
         "kind": line.kind,
-        "from": None if tag is None else inert(tag.name),
+        "from": speaker(c, r, line),
         "fingerprint": None if member is None else member.key.fingerprint().hex(),
         "mine": line.mine,
         "text": line_text(c, r, line),

@@ -24,14 +24,15 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_r
 from backchannel.protocol import padding
 from backchannel.protocol import primitives as P
 from backchannel.protocol.encoding import encode
+from backchannel.protocol.errors import ProtocolError
 
 from .core import Client
 from .errors import ClientError
-from .events import message_id
 from .outbox import BACK_OFF, permanent
 from .relay import Frame, RelayError, RelaySocket
 from .room import Room, require_usable
 from .sending import ROOM_MESSAGE, Limit, require_fits
+from .transcript import message_id
 
 #: Most messages sealed in one transaction (the daemon sizes its batches to
 #: the relay's `max_inflight_writes`, between these two).
@@ -52,6 +53,8 @@ class Outgoing:
     cid: bytes = b""
     envelope: bytes = b""
     reply: asyncio.Future[Frame] | None = None
+    #: Sealed and kept in the outbox, not yet acknowledged: goes out on reconnect.
+    queued: bool = False
 
 
 class Pipeline:
@@ -70,14 +73,15 @@ class Pipeline:
             raise ClientError("observers cannot post in this room")
         limit = await c.sender.limit(room, ROOM_MESSAGE)
         await c.senderkeys.distribute(sock, room, c.profile())
-        now = c.now()
+        ms = c.ctx.now_ms()
+        now = ms // 1000
         out = [Outgoing(text) for text in texts]
         ready: list[tuple[Outgoing, bytes]] = []
         for item in out:
-            body = encode({"t": "text", "text": item.text, "ts": now})
             try:
+                body = encode({"t": "text", "text": item.text, "ts": now, "ms": ms})
                 require_fits(item.text, body, None, limit)
-            except ClientError as exc:
+            except (ClientError, UnicodeEncodeError, ProtocolError) as exc:
                 item.error = exc
                 continue
             ready.append((item, body))
@@ -141,14 +145,19 @@ class Pipeline:
                     # send (stored, shown), so it goes again, with patience.
                     try:
                         await self._resend(sock, room, item)
-                    except RelayError as again:
-                        item.error = again
+                    except RelayError:
+                        item.queued = True
                     else:
                         done.append(item)
                     continue
                 if permanent(exc.code):
                     c.outbox.refused(room, item.cid, exc.code, item.ts)
-                item.error = exc
+                    item.error = exc
+                else:
+                    # Stored here and still in the outbox: the next connection sends
+                    # it (its cid makes a second copy impossible). Not a failure to
+                    # retry, which would send the words twice.
+                    item.queued = True
                 continue
             done.append(item)
         if done:

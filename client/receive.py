@@ -37,7 +37,7 @@ from .repair import Link, Repair
 from .room import Room, Rooms
 from .senderkeys import SenderKeys
 from .sessions import Sessions
-from .transcript import Transcript
+from .transcript import Transcript, message_id
 
 #: Longest wait for the relay to deliver what was stored for us (then we go on).
 CATCH_UP_TIMEOUT = 30.0
@@ -233,7 +233,9 @@ class Receiver:
             # processed it commit together, or not at all.
             with self.ctx.store.transaction():
                 plaintext = self.sessions.decrypt(room, member.key, data)
-                kind, value = self._on_payload(room, member.key.sign, plaintext)
+                kind, value = self._on_payload(
+                    room, member.key.sign, plaintext, message_id(data)
+                )
                 self.sessions.remember(room, mark)
         except _MALFORMED as exc:
             code = exc.code if isinstance(exc, ProtocolError) else "malformed"
@@ -251,7 +253,7 @@ class Receiver:
         await sock.send("ack", ids=[item])
 
     def _on_payload(
-        self, room: Room, sender: bytes, plaintext: bytes
+        self, room: Room, sender: bytes, plaintext: bytes, mid: bytes | None = None
     ) -> tuple[str, dict[str, Any]]:
         value = decode(plaintext)
         if not isinstance(value, dict):
@@ -281,7 +283,7 @@ class Receiver:
             if not isinstance(text, str):
                 raise ProtocolError("a sidebar without text")
             self.transcript.add(
-                room, "sidebar", text, sender=sender, to=room.me, sent=_claimed(value)
+                room, "sidebar", text, sender=sender, to=room.me, sent=_claimed(value), mid=mid
             )
         return str(kind), value
 
@@ -363,7 +365,9 @@ class Receiver:
                 )
             else:
                 if key is not None and body is not None:
-                    self._show(room, envelope.sender, who, body, envelope.epoch_pos)
+                    self._show(
+                        room, envelope.sender, who, body, envelope.epoch_pos, message_id(data)
+                    )
                     gaps = key.missing()
                     if gaps:
                         missing = f"{len(gaps)} message(s) from {who} have not arrived"
@@ -383,7 +387,13 @@ class Receiver:
             self.rooms.save_cursor(room)
 
     def _show(
-        self, room: Room, sender: bytes, who: str, body: bytes, epoch_pos: int | None = None
+        self,
+        room: Room,
+        sender: bytes,
+        who: str,
+        body: bytes,
+        epoch_pos: int | None = None,
+        mid: bytes | None = None,
     ) -> None:
         """Record what an authenticated room message says. Its sender may be hostile:
         whatever the body holds is a refused message with a warning, never an error."""
@@ -406,7 +416,7 @@ class Receiver:
         if epoch_pos is not None and 0 <= epoch_pos < len(room.log):
             mode = room.log.state_at(epoch_pos).rules.mode
         self.transcript.add(
-            room, "message", text, sender=sender, sent=_claimed(value), mode=mode
+            room, "message", text, sender=sender, sent=_claimed(value), mode=mode, mid=mid
         )
 
     def _authorise(self, room: Room, envelope: RoomEnvelope) -> None:

@@ -45,7 +45,10 @@ class RelayError(Exception):
 
 class Unreachable(RelayError):
     def __init__(self, url: str) -> None:
-        super().__init__("unreachable", f"cannot reach the relay at {url}")
+        # Not the URL: an error line is read over shoulders and pasted into
+        # reports, and the relay's address says which organisation you talk through.
+        super().__init__("unreachable", "cannot reach the relay")
+        self.url = url
 
 
 def b64(data: bytes) -> str:
@@ -130,6 +133,8 @@ class RelayHttp:
             response = await self._http.request(method, path, content=content, headers=headers)
         except httpx.TransportError as exc:
             raise Unreachable(self.url) from exc
+        except httpx.HTTPError as exc:  # e.g. a body that does not decode: the relay's fault
+            raise RelayError("protocol", "the relay's answer could not be read") from exc
         try:
             payload = response.json()
         except ValueError:
@@ -357,6 +362,11 @@ class RelaySocket:
     async def submit(self, kind: str, *, cid: bytes, **fields: Value) -> asyncio.Future[Frame]:
         """Send a frame carrying ``cid`` without waiting: many may be in flight at
         once (the relay answers each by its cid); :meth:`reply` collects the answer."""
+        waiting = self._pending.get(cid)
+        if waiting is not None and not waiting.done():
+            # Already in flight (a flush met a message a pipeline sent): one frame,
+            # one answer, and every waiter gets it.
+            return waiting
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._pending[cid] = future
         try:

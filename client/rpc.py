@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import socket
+import stat
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +37,13 @@ class DaemonClient:
         path = socket_path(home)
         if not path.exists():
             return None
+        if not private_dir(path.parent):
+            # Someone else made (or can write to) the directory: what listens there
+            # would be handed our messages in clear.
+            raise ClientError(
+                f"refusing the daemon socket in {path.parent}: not a private directory of yours",
+                hint="remove it; the daemon makes it again, 0700",
+            )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
@@ -41,6 +51,9 @@ class DaemonClient:
         except OSError:
             sock.close()
             return None
+        if peer_uid(sock) != os.getuid():
+            sock.close()
+            raise ClientError("the process on the daemon socket is not yours; not talking to it")
         return cls(sock)
 
     def __enter__(self) -> DaemonClient:
@@ -87,6 +100,27 @@ class DaemonClient:
                     yield params
             elif answer.get("method") == "dropped":
                 raise RelayError("disconnected", "the daemon stopped following for us")
+
+
+def private_dir(path: Path) -> bool:
+    """Ours, a real directory (not a link), and nobody else may enter or write it."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid == os.getuid()
+        and stat.S_IMODE(info.st_mode) & 0o077 == 0
+    )
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return int(struct.unpack("3i", creds)[1])
 
 
 #: What :func:`ask` returns when no daemon runs for the profile.

@@ -33,7 +33,7 @@ from .relay import RelayError, RelaySocket
 from .room import Room, require_usable
 from .senderkeys import SenderKeys
 from .sessions import Sessions
-from .transcript import Transcript
+from .transcript import Transcript, message_id
 
 #: What a ``send`` or ``psend`` frame adds to its ``data`` (type, version, room,
 #: from, to, cid and their CBOR framing come to under 200 bytes): a message the
@@ -161,7 +161,8 @@ class Sender:
 
     async def send_text(
         self, sock: RelaySocket, room: Room, text: str, *, to: bytes | None = None
-    ) -> None:
+    ) -> bytes:
+        """Send ``text``; returns its message id (:func:`~.transcript.message_id`)."""
         await self.membership.sync_log(room)
         require_usable(room)
         ms = self.ctx.now_ms()
@@ -175,15 +176,16 @@ class Sender:
             limit = await self.limit(room, PAIRWISE_MESSAGE)
             # Checked before a session is opened: opening one uses up a prekey of theirs.
             require_fits(text, body, None, limit)
-            await self.sessions.send(
+            data = await self.sessions.send(
                 sock,
                 room,
                 peer.key,
                 payload,
                 check=lambda data: require_fits(text, body, len(data), limit),
             )
-            self.transcript.add(room, "sidebar", text, sender=room.me, to=to)
-            return
+            mid = message_id(data)
+            self.transcript.add(room, "sidebar", text, sender=room.me, to=to, mid=mid)
+            return mid
         _may_post(room)
         body = encode({"t": "text", "text": text, "ts": now, "ms": ms})
         limit = await self.limit(room, ROOM_MESSAGE)
@@ -192,8 +194,9 @@ class Sender:
         await self.outbox.flush(sock, [room])  # anything older goes first
         cid, envelope = self._seal_and_queue(room, text, body, limit, now)
         await self.outbox.send(sock, room, cid, envelope, ts=now)
+        return message_id(envelope)
 
-    def queue_text(self, room: Room, text: str) -> None:
+    def queue_text(self, room: Room, text: str) -> bytes:
         """With the relay unreachable: seal and queue a room message, shown at once and
         sent by the next connection (:meth:`connect` flushes the outbox first). The
         log and the relay's limits are as last known; a message the relay then
@@ -205,7 +208,7 @@ class Sender:
         body = encode({"t": "text", "text": text, "ts": now, "ms": ms})
         limit = Limit(ROOM_MESSAGE[0], "the protocol", ROOM_MESSAGE[1])
         require_fits(text, body, None, limit)
-        self._seal_and_queue(room, text, body, limit, now)
+        return message_id(self._seal_and_queue(room, text, body, limit, now)[1])
 
     def _seal_and_queue(
         self, room: Room, text: str, body: bytes, limit: Limit, now: int
@@ -217,7 +220,7 @@ class Sender:
             # here rolls the sender-key step back with everything else.
             require_fits(text, body, len(envelope), limit)
             self.outbox.queue(room, cid, envelope, ts=now)
-            self.transcript.add(room, "message", text, sender=room.me)
+            self.transcript.add(room, "message", text, sender=room.me, mid=message_id(envelope))
         return cid, envelope
 
 

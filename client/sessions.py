@@ -75,7 +75,7 @@ class Sessions:
         payload: dict[str, Value],
         *,
         check: Callable[[bytes], None] | None = None,
-    ) -> None:
+    ) -> bytes:
         """Encrypt ``payload`` to ``peer`` and put it in its mailbox (durably, then ack).
 
         ``check`` sees the ciphertext before the session step is stored; if it
@@ -93,6 +93,7 @@ class Sessions:
         await sock.request(
             "psend", room=room.room_id, **{"from": room.me}, to=peer.sign, cid=cid, data=data
         )
+        return data
 
     def decrypt(self, room: Room, peer: MemberPublicKey, data: bytes) -> bytes:
         """Open a pairwise message (inside the caller's transaction)."""

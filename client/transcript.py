@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from backchannel.protocol import primitives as P
+
 from .context import Context
 from .records import CounterRecord, LineRecord, Table
 from .room import FLOOR_NS, Room, stricter
@@ -47,6 +49,16 @@ class Line:
     received: int = 0
     #: ``ts`` in milliseconds: the transcript's order (ties by ``n``, arrival).
     sent_ms: int = 0
+
+
+_LABEL_ID = b"bc-message-id"
+ID_SIZE = 16
+
+
+def message_id(ciphertext: bytes) -> bytes:
+    """What sender and receivers both call one message: a digest of the exact bytes
+    that went through the relay (a room envelope, or a pairwise message)."""
+    return P.hash_bytes(_LABEL_ID, ciphertext, ID_SIZE)
 
 
 class Transcript:

@@ -292,3 +292,81 @@ def test_stop_command_ends_the_daemon_and_removes_its_socket(
     assert done.returncode == 0, done.stderr
     assert d.proc.wait(timeout=30) == 0
     assert not socket_path(dialogue.fac).exists()
+
+
+def cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The real command with no passphrase anywhere: only a daemon can answer it."""
+    env = {k: v for k, v in os.environ.items() if k != "BACKCHANNEL_PASSPHRASE"}
+    env["BACKCHANNEL_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "backchannel.client", *args],
+        env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+async def test_commands_use_the_daemon_without_a_passphrase(
+    dialogue: Dialogue, daemons: list[DaemonProcess]
+) -> None:
+    start(daemons, dialogue.fac)
+    sent = cli(dialogue.fac, "send", dialogue.room, "through the daemon")
+    assert sent.returncode == 0, sent.stderr
+    mid = sent.stdout.strip()
+    assert len(mid) == 32
+    members = cli(dialogue.fac, "members", dialogue.room, "--json")
+    assert members.returncode == 0, members.stderr
+    assert {m["name"] for m in json.loads(members.stdout)} == {"Fac", "Ann"}
+    rooms = cli(dialogue.fac, "rooms")
+    assert rooms.returncode == 0
+    assert rooms.stdout.startswith(dialogue.room)
+    read = cli(dialogue.fac, "read", dialogue.room, "--json")
+    assert read.returncode == 0, read.stderr
+    ours = [json.loads(x) for x in read.stdout.splitlines()]
+    assert [e["id"] for e in ours if e["kind"] == "message"] == [mid]
+    # Without the daemon the same command needs the passphrase: it really was the daemon.
+    daemons.pop().stop()
+    assert cli(dialogue.fac, "members", dialogue.room).returncode != 0
+    # The receiver's copy carries the same id as the sender's answer.
+    ann = _open(dialogue.ann)
+    try:
+        await _online(ann)
+        room = ann.rooms()[0]
+        got = [line for line in ann.lines(room) if line.kind == "message"]
+    finally:
+        await _close(ann)
+    assert [line.mid.hex() for line in got if line.mid] == [mid]
+
+
+async def test_read_follow_streams_every_room_through_the_daemon(
+    dialogue: Dialogue, daemons: list[DaemonProcess]
+) -> None:
+    start(daemons, dialogue.ann)
+    env = {k: v for k, v in os.environ.items() if k != "BACKCHANNEL_PASSPHRASE"}
+    env["BACKCHANNEL_HOME"] = str(dialogue.ann)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "backchannel.client", "read", "--follow", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(1.0)  # subscribed (no room: nothing is read back first)
+        fac = _open(dialogue.fac)
+        try:
+            room = fac.rooms()[0]
+            async with fac.connect([room]) as sock:
+                await fac.pump(sock, [room], idle=0.05)
+                mid = await fac.send_text(sock, room, "seen by the follower")
+        finally:
+            await _close(fac)
+        assert follower.stdout is not None
+        deadline = time.monotonic() + 30
+        event: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            event = json.loads(follower.stdout.readline())
+            if event["kind"] == "message":
+                break
+        assert event["text"] == "seen by the follower"
+        assert event["id"] == mid.hex()
+        assert event["room"] == room.room_id.hex()
+    finally:
+        follower.terminate()
+        follower.wait(timeout=30)
