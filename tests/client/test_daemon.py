@@ -265,11 +265,17 @@ def test_hostile_requests_get_errors_and_the_daemon_stays_up(
             b'{"jsonrpc": "2.0", "id": 3, "method": "send", "params": []}\n',
             b'{"jsonrpc": "2.0", "id": [1], "method": "rooms"}\n',
             b'{"jsonrpc": "2.0", "id": 4, "method": "read", "params": {"room": "no such"}}\n',
+            b'{"jsonrpc": "2.0", "id": 5, "method": "read", "params": {"room": null}}\n',
+            # Valid JSON, but not text that can be encoded: refused, not a hung batch.
+            f'{{"jsonrpc": "2.0", "id": 6, "method": "send", "params": {{"room": "{dialogue.room}",'
+            f' "text": "a\\ud800"}}}}\n'.encode(),
+            f'{{"jsonrpc": "2.0", "id": 7, "method": "read", "params": {{"room": "{dialogue.room}",'
+            f' "limit": null}}}}\n'.encode(),
         ]
     )
     answers = raw(dialogue.fac, garbage)
     codes = [a["error"]["code"] for a in answers]  # type: ignore[index]
-    assert codes == [-32700, -32700, -32601, -32602, -32602, -32600, 1]
+    assert codes == [-32700, -32700, -32601, -32602, -32602, -32600, 1, -32602, -32602, -32602]
     # A line past the bound ends that connection, not the daemon.
     answers = raw(dialogue.fac, b"x" * (2 << 20) + b"\n")
     assert answers
