@@ -76,6 +76,9 @@ RELAY_ENV = {
     "BACKCHANNEL_RELAY_FRAME_RATE_PER_SECOND": "1000000",
     "BACKCHANNEL_RELAY_KEY_MESSAGES_PER_SECOND": "1000000",
     "BACKCHANNEL_RELAY_MAX_CONNECTIONS_PER_ADDRESS": "100000",
+    # every load process connects its seats at once, before any has subscribed
+    "BACKCHANNEL_RELAY_MAX_UNSETTLED_PER_ADDRESS": "100000",
+    "BACKCHANNEL_RELAY_MAX_UNSETTLED_CONNECTIONS": "100000",
     # set-up makes every room from one address, big rooms in one burst of appends
     "BACKCHANNEL_RELAY_ROOMS_PER_ADDRESS": "1000000/minute",
     "BACKCHANNEL_RELAY_RATE_LOG_APPENDS": "1000000/minute",
