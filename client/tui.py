@@ -430,10 +430,17 @@ class ChatApp(App[None]):
 
     async def send(self, text: str, to: bytes | None = None) -> None:
         if self.sock is None:
-            raise ClientError(
-                "not connected to the relay, so nothing was sent",
-                hint="your text is kept; press Enter again once connected",
-            )
+            if to is not None:
+                # A sidebar may need the other member's keys from the relay first.
+                raise ClientError(
+                    "not connected to the relay, so the sidebar was not sent",
+                    hint="your text is kept; press Enter again once connected",
+                )
+            async with self.lock:
+                # Sealed, shown and in the outbox: the next connection sends it first.
+                self.client.queue_text(self.room, text)
+            self.local("not connected: queued; it goes when the relay is reachable again")
+            return
         mine, warnings = self._mine, self._warnings
         try:
             async with self.lock:

@@ -38,8 +38,13 @@ def test_everything_goes_through_the_socks5_proxy(
     assert "through the proxy" in ann.out(*via, "read", ann_room)
     assert {port for _, port in proxy.destinations} == {relay.port}
 
-    # With the proxy gone, the client fails instead of going direct.
+    # With the proxy gone, nothing goes direct: a send is sealed and queued for the
+    # next connection through the proxy (issue 13's offline sends), and what needs
+    # the relay now fails, naming the proxy.
     proxy.stop()
-    failed = fac.run(*via, "send", room, "must not leak", ok=False)
+    queued = fac.run(*via, "send", room, "must not leak")
+    assert "queued" in queued.stderr
+    failed = fac.run(*via, "invite", room, ok=False)
     assert failed.returncode != 0
     assert failed.stderr.startswith("error: ")
+    assert "proxy" in failed.stderr

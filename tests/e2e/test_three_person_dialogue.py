@@ -4,13 +4,16 @@ through the plain commands, all on one real relay.
 
 Short read-aloud invites, a multi-line message, the stable line schema (ids, sender
 fingerprints, send times), a sidebar to a name with spaces, a role change that stops
-a post, a rule change everyone is told about, the title reaching joiners, and
-commands that need no passphrase while the daemon runs.
+a post, a rule change everyone is told about, the title reaching joiners, switching
+rooms in the screen with an unread count, commands that need no passphrase while the
+daemon runs, and the relay going away and coming back (offline reads, a queued send
+delivered once, the daemon reconnecting by itself).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -25,19 +28,35 @@ import pytest
 from backchannel.client.rpc import DaemonClient
 from backchannel.protocol import roomlog as L
 from backchannel.server.config import Settings
-from tests.e2e.chatkit import ChatApp, close, connected, make_client, type_line, wait_for
+from tests.e2e.chatkit import (
+    ChatApp,
+    close,
+    connected,
+    make_client,
+    screen_text,
+    type_line,
+    wait_for,
+    wait_until,
+)
 from tests.server.helpers import RelayServer
 
 PASS = "pw"
 
 
 @pytest.fixture
-def relay(tmp_path: Path) -> Iterator[RelayServer]:
-    server = RelayServer(
-        Settings(data_dir=tmp_path / "relay", database_url=f"sqlite+aiosqlite:///{tmp_path}/r.db")
-    ).start()
-    yield server
-    server.stop()
+def relay(tmp_path: Path) -> Iterator[list[RelayServer]]:
+    """A list holding the relay, so the test can stop it and start it again where its
+    clients know it (same port, same database)."""
+    servers = [
+        RelayServer(
+            Settings(
+                data_dir=tmp_path / "relay", database_url=f"sqlite+aiosqlite:///{tmp_path}/r.db"
+            )
+        ).start()
+    ]
+    yield servers
+    with contextlib.suppress(Exception):
+        servers[-1].stop()
 
 
 def env(home: Path, *, passphrase: bool = True) -> dict[str, str]:
@@ -79,21 +98,25 @@ async def next_line(rpc: DaemonClient, want: Any) -> dict[str, Any]:
 
 
 async def test_a_three_person_dialogue_through_screen_daemon_and_commands(
-    tmp_path: Path, relay: RelayServer
+    tmp_path: Path, relay: list[RelayServer]
 ) -> None:
-    fac = make_client(tmp_path / "fac", relay, "Farida")
+    server = relay[0]
+    fac = make_client(tmp_path / "fac", server, "Farida")
     room = await fac.create_room("Water talks", L.Rules(mode="chatham"))
+    side = await fac.create_room("Drafting group", L.Rules(mode="attributed"))
     homes = {"ann": tmp_path / "ann", "bob": tmp_path / "bob"}
     names = {"ann": "Ann Aldridge", "bob": "Maria del Mar"}
     local = {}
     for who, home in homes.items():
-        await cmd(home, "init", "--relay", relay.url, "--name", names[who])
+        await cmd(home, "init", "--relay", server.url, "--name", names[who])
         code = await fac.invite(room, "participant", 3600, 1)
         url, short = code.split()
-        assert url == relay.url
+        assert url == server.url
         assert len(short) <= 60  # read aloud: the relay's address plus 60 characters
         joined = await cmd(home, "join", code, "--accept-rules")
         local[who] = joined.stdout.strip()
+    side_code = await fac.invite(side, "participant", 3600, 1)
+    await cmd(homes["bob"], "join", side_code, "--accept-rules")
     daemon = subprocess.Popen(
         [sys.executable, "-m", "backchannel.client", "daemon"],
         env=env(homes["ann"]),
@@ -116,7 +139,8 @@ async def test_a_three_person_dialogue_through_screen_daemon_and_commands(
             # facilitator saying anything: her local name for the room comes from it.
             await cmd(homes["bob"], "read", local["bob"])
             rooms = await cmd(homes["bob"], "rooms", "--json")
-            assert json.loads(rooms.stdout)[0]["title"] == "Water talks"
+            titles = {r["id"]: r["title"] for r in json.loads(rooms.stdout)}
+            assert titles[room.room_id.hex()] == "Water talks"
 
             # A multi-line message from the screen reaches the daemon whole, with the
             # facilitator's fingerprint and the time it was sent.
@@ -165,6 +189,20 @@ async def test_a_three_person_dialogue_through_screen_daemon_and_commands(
             )
             assert notice["id"] is None
 
+            # The facilitator switches to the other room; what is said in the first
+            # meanwhile is counted, not shown, until it switches back.
+            await pilot.press("ctrl+n")
+            assert app.room.room_id == side.room_id
+            await type_line(pilot, "drafting starts at ten")
+            await wait_for(app, pilot, "drafting starts at ten", timeout=20)
+            await cmd(homes["bob"], "send", local["bob"], "said while you were away")
+            await wait_until(
+                pilot, lambda: app.unread.get(room.room_id) == 1, "the unread count", timeout=20
+            )
+            assert "said while you were away" not in screen_text(app)
+            await pilot.press("ctrl+p")
+            await wait_for(app, pilot, "said while you were away", timeout=20)
+
         # While the daemon runs, Ann's commands need no passphrase.
         members = await cmd(homes["ann"], "members", local["ann"], "--json", passphrase=False)
         roles = {m["name"]: m["role"] for m in json.loads(members.stdout)}
@@ -172,6 +210,20 @@ async def test_a_three_person_dialogue_through_screen_daemon_and_commands(
         assert roles["Farida"] == "facilitator"
         mine = await asyncio.to_thread(rpc.call, "read", room=local["ann"])
         assert reply["id"] in {e["id"] for e in mine}
+
+        # The relay goes down: Maria reads and lists from what she holds, and what
+        # she sends is queued; when it is back, it goes out once, and Ann's daemon,
+        # which reconnected by itself, streams it.
+        server.stop()
+        offline = await cmd(homes["bob"], "read", local["bob"])
+        assert "showing what is stored locally" in offline.stderr
+        assert "the 2019 figures first" in offline.stdout
+        queued = await cmd(homes["bob"], "send", local["bob"], "written on the train")
+        assert "queued" in queued.stderr
+        relay.append(RelayServer(server.settings, port=server.port).start())
+        await cmd(homes["bob"], "read", local["bob"])
+        late = await next_line(stream, lambda e: e["text"] == "written on the train")
+        assert late["id"] == queued.stdout.strip()
         rpc.close()
         stream.close()
     finally:
