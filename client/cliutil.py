@@ -329,6 +329,20 @@ def errors() -> Iterator[None]:
     except ClientError as exc:
         err(str(exc), exc.hint)
     except ProfileInUse as exc:
+        from .rpc import DaemonClient  # here: the daemon module is not needed otherwise
+
+        daemon = False
+        with contextlib.suppress(Exception):
+            found = DaemonClient.connect(OPTS.home, timeout=5)
+            if found is not None:
+                found.close()
+                daemon = True
+        if daemon:
+            err(
+                "the profile is held by `backchannel daemon`",
+                "send, read, members and rooms go through it; for anything else "
+                "stop it first: `backchannel daemon --stop`",
+            )
         err(str(exc), "close the other window, or wait for it to finish")
     except NoProfile:
         err(

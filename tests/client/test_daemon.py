@@ -329,6 +329,15 @@ async def test_commands_use_the_daemon_without_a_passphrase(
     assert read.returncode == 0, read.stderr
     ours = [json.loads(x) for x in read.stdout.splitlines()]
     assert [e["id"] for e in ours if e["kind"] == "message"] == [mid]
+    # What the daemon does not serve says who holds the profile and how to stop it.
+    held = subprocess.run(
+        [sys.executable, "-m", "backchannel.client", "invite", dialogue.room],
+        env={**os.environ, "BACKCHANNEL_HOME": str(dialogue.fac), "BACKCHANNEL_PASSPHRASE": PASS},
+        capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
+    )
+    assert held.returncode != 0
+    assert "held by `backchannel daemon`" in held.stderr
+    assert "daemon --stop" in held.stderr
     # Without the daemon the same command needs the passphrase: it really was the daemon.
     daemons.pop().stop()
     assert cli(dialogue.fac, "members", dialogue.room).returncode != 0
