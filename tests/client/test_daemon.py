@@ -385,3 +385,33 @@ async def test_read_follow_streams_every_room_through_the_daemon(
     finally:
         follower.terminate()
         follower.wait(timeout=30)
+
+
+async def test_read_follow_every_room_without_a_daemon(dialogue: Dialogue) -> None:
+    """The same stream from the command alone (no daemon): one connection per relay."""
+    env = {**os.environ, "BACKCHANNEL_HOME": str(dialogue.ann), "BACKCHANNEL_PASSPHRASE": PASS}
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "backchannel.client", "read", "--follow"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(2.0)  # connected and caught up
+        fac = _open(dialogue.fac)
+        try:
+            room = fac.rooms()[0]
+            async with fac.connect([room]) as sock:
+                await fac.pump(sock, [room], idle=0.05)
+                await fac.send_text(sock, room, "heard without a daemon")
+        finally:
+            await _close(fac)
+        assert follower.stdout is not None
+        deadline = time.monotonic() + 30
+        line = ""
+        while time.monotonic() < deadline and "heard without a daemon" not in line:
+            line = follower.stdout.readline()
+        # Plain output names the room, since lines of every room interleave.
+        assert line.startswith("[")
+        assert "heard without a daemon" in line
+    finally:
+        follower.terminate()
+        follower.wait(timeout=30)
