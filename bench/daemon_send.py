@@ -35,8 +35,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 from backchannel.client.core import Client  # noqa: E402
-from backchannel.client.daemon import socket_path  # noqa: E402
 from backchannel.client.rpc import DaemonClient  # noqa: E402
+from backchannel.client.rpcwire import socket_path  # noqa: E402
 from backchannel.client.store import Store  # noqa: E402
 from backchannel.protocol import primitives as P  # noqa: E402
 from backchannel.protocol import roomlog as L  # noqa: E402

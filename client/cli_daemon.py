@@ -9,8 +9,9 @@ import typer
 
 from .cli import OPTS, app, err, errors, note, passphrase
 from .core import Client
-from .daemon import Daemon, socket_path
+from .daemon import Daemon
 from .rpc import DaemonClient
+from .rpcwire import socket_path
 from .store import Store
 
 

@@ -20,15 +20,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
 import stat
-import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from backchannel.protocol.envelope import MAX_ENVELOPE_SIZE
@@ -39,10 +43,23 @@ from .events import line_event
 from .pipeline import MAX_BATCH, MIN_BATCH, Outgoing, Pipeline
 from .relay import RelayError, RelaySocket
 from .render import json_text
+from .rpcwire import (
+    BAD_PARAMS,
+    BUSY,
+    INTERNAL,
+    INVALID_REQUEST,
+    NO_METHOD,
+    OFFLINE,
+    PARSE_ERROR,
+    REFUSED,
+    RELAY,
+    RpcError,
+    error,
+    param,
+    same_user,
+)
 from .views import format_line, member_json, room_json
 
-RUN_DIR = "run"
-SOCKET_NAME = "daemon.sock"
 #: Longest request line; a longer one ends that connection.
 MAX_LINE = 1 << 20
 MAX_CONNECTIONS = 32
@@ -53,39 +70,10 @@ MAX_QUEUED = 20_000
 #: Lines queued for one subscriber before it is dropped.
 MAX_BEHIND = 10_000
 MAX_SUBSCRIPTIONS = 4
+#: Sends of the relay's burst left for pairwise messages (keys, sidebars).
+PACE_MARGIN = 4
 #: How long a ``send`` waits for a connection to the room's relay.
 CONNECT_WAIT = 10.0
-
-# JSON-RPC 2.0's own codes, and ours (docs/client.md lists them).
-PARSE_ERROR, INVALID_REQUEST, NO_METHOD, BAD_PARAMS = -32700, -32600, -32601, -32602
-INTERNAL = -32603
-REFUSED, RELAY, OFFLINE, BUSY = 1, 2, 3, 4
-
-
-def socket_path(home: Path) -> Path:
-    return home / RUN_DIR / SOCKET_NAME
-
-
-class RpcError(Exception):
-    def __init__(self, code: int, message: str, data: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.data = code, message, data or {}
-
-
-def _param(params: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
-    value = params.get(name, default)
-    if value is ...:
-        raise RpcError(BAD_PARAMS, f"missing parameter {name!r}")
-    if value is None and default is None:
-        return None
-    if value is default:
-        return value
-    if not isinstance(value, kind):
-        raise RpcError(BAD_PARAMS, f"parameter {name!r} must be {kind.__name__}")
-    if isinstance(value, bool) and kind is int:
-        raise RpcError(BAD_PARAMS, f"parameter {name!r} must be int")
-    return value
-
 
 class Subscriber:
     def __init__(self, room: bytes | None, text: bool = False) -> None:
@@ -113,6 +101,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
         self._clients = 0
+        self._pace: dict[str, tuple[MovingWindowRateLimiter, Any]] = {}
         self.on_ready: Callable[[], None] | None = None
 
     # --- running -------------------------------------------------------------------------
@@ -247,7 +236,7 @@ class Daemon:
     # --- the socket ----------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not _same_user(writer) or self._clients >= MAX_CONNECTIONS:
+        if not same_user(writer) or self._clients >= MAX_CONNECTIONS:
             writer.close()
             return
         self._clients += 1
@@ -277,14 +266,14 @@ class Daemon:
                     raw = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
                     too_long = f"a request is at most {MAX_LINE} bytes"
-                    await write(_error(None, INVALID_REQUEST, too_long))
+                    await write(error(None, INVALID_REQUEST, too_long))
                     break
                 if not raw.strip():
                     continue
                 try:
                     request = json.loads(raw)
                 except (ValueError, RecursionError):
-                    await write(_error(None, PARSE_ERROR, "not JSON"))
+                    await write(error(None, PARSE_ERROR, "not JSON"))
                     continue
                 await slots.acquire()
                 task = asyncio.ensure_future(answer(request))
@@ -310,34 +299,34 @@ class Daemon:
         write: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> dict[str, Any] | None:
         if not isinstance(request, dict) or request.get("jsonrpc") != "2.0":
-            return _error(None, INVALID_REQUEST, "not a JSON-RPC 2.0 request")
+            return error(None, INVALID_REQUEST, "not a JSON-RPC 2.0 request")
         rid = request.get("id")
         if rid is not None and (isinstance(rid, bool) or not isinstance(rid, int | str)):
-            return _error(None, INVALID_REQUEST, "the id must be a number or a string")
+            return error(None, INVALID_REQUEST, "the id must be a number or a string")
         method, params = request.get("method"), request.get("params", {})
         if not isinstance(params, dict):
-            return _error(rid, BAD_PARAMS, "params must be an object")
+            return error(rid, BAD_PARAMS, "params must be an object")
         handler = METHODS.get(method) if isinstance(method, str) else None
         if handler is None:
-            return _error(rid, NO_METHOD, "no such method")
+            return error(rid, NO_METHOD, "no such method")
         try:
             if method == "subscribe":
                 result = await self._subscribe(params, subs, write, rid)
             else:
                 result = await handler(self, params)
         except RpcError as exc:
-            return _error(rid, exc.code, exc.message, exc.data)
+            return error(rid, exc.code, exc.message, exc.data)
         except ClientError as exc:
-            return _error(rid, REFUSED, str(exc), {"hint": exc.hint})
+            return error(rid, REFUSED, str(exc), {"hint": exc.hint})
         except RelayError as exc:
             code = OFFLINE if exc.code in ("unreachable", "disconnected") else RELAY
-            return _error(rid, code, str(exc), {"relay_code": exc.code})
+            return error(rid, code, str(exc), {"relay_code": exc.code})
         except ProtocolError as exc:
-            return _error(rid, REFUSED, f"refused: {exc} ({exc.code})")
+            return error(rid, REFUSED, f"refused: {exc} ({exc.code})")
         except Exception as exc:
             # A bug, not the caller's mistake: answered (never left hanging), and
             # named by type only, since an exception's text may hold what it was handling.
-            return _error(rid, INTERNAL, f"internal error ({type(exc).__name__})")
+            return error(rid, INTERNAL, f"internal error ({type(exc).__name__})")
         if rid is None:
             return None  # a notification: no answer
         return {"jsonrpc": "2.0", "id": rid, "result": result}
@@ -345,7 +334,7 @@ class Daemon:
     # --- methods -------------------------------------------------------------------------
 
     def _room(self, params: dict[str, Any]) -> Room:
-        query = _param(params, "room", str)
+        query = param(params, "room", str)
         room_id = self._names.get(query)
         if room_id is None or room_id not in self.rooms:
             room_id = self.client.room(query).room_id
@@ -370,10 +359,10 @@ class Daemon:
 
     async def m_read(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         room = self._room(params)
-        after = _param(params, "after", int, -1)
-        limit = min(_param(params, "limit", int, 10_000), 10_000)
+        after = param(params, "after", int, -1)
+        limit = min(param(params, "limit", int, 10_000), 10_000)
         lines = self.client.lines(room, after)[: max(0, limit)]
-        text = _param(params, "format", str, "json") == "text"
+        text = param(params, "format", str, "json") == "text"
         out = []
         for line in lines:
             event = line_event(self.client, room, line)
@@ -385,8 +374,8 @@ class Daemon:
 
     async def m_send(self, params: dict[str, Any]) -> dict[str, Any]:
         room = self._room(params)
-        text = _param(params, "text", str)
-        to = _param(params, "to", str, None)
+        text = param(params, "text", str)
+        to = param(params, "to", str, None)
         if not text:
             raise RpcError(BAD_PARAMS, "nothing to send")
         try:
@@ -428,7 +417,7 @@ class Daemon:
         if len(subs) >= MAX_SUBSCRIPTIONS:
             raise RpcError(BAD_PARAMS, f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection")
         room = None if params.get("room") is None else self._room(params).room_id
-        sub = Subscriber(room, text=_param(params, "format", str, "json") == "text")
+        sub = Subscriber(room, text=param(params, "format", str, "json") == "text")
         self.subscribers.add(sub)
         subs.append(sub)
 
@@ -501,6 +490,10 @@ class Daemon:
             while queue:
                 batch = queue[:size]
                 del queue[:size]
+                # Kept to the relay's advertised rate: a script is paced here rather
+                # than refused there (a refused message goes again later, behind
+                # those sent meanwhile).
+                await self._paced(room, len(batch))
                 # Acknowledgements are awaited while the next batch is sealed;
                 # two batches in flight keep the relay busy, and stay under its
                 # `max_inflight_writes`, past which it would say busy (and a
@@ -521,12 +514,39 @@ class Daemon:
 
     async def _batch_size(self, room: Room) -> int:
         """Half of what the relay lets one connection have in flight (two batches
-        are), less a margin for the pairwise sends and acks that share the count."""
+        are), less a margin for the pairwise sends and acks that share the count,
+        and no more than its rate limit lets go at once."""
         try:
             limits = await self.client.http(room.relay).limits()
         except Exception:  # an unreadable answer too: the safe size
             return MIN_BATCH
-        return max(MIN_BATCH, min(MAX_BATCH, (limits["max_inflight_writes"] - 16) // 2))
+        _, item = self._pace_for(room.relay, limits)
+        size = min(MAX_BATCH, (limits["max_inflight_writes"] - 16) // 2, item.amount)
+        return max(1, size)
+
+    def _pace_for(self, relay: str, limits: dict[str, Any]) -> tuple[MovingWindowRateLimiter, Any]:
+        if relay not in self._pace:
+            rate, burst = float(limits["send_rate_per_second"]), int(limits["send_burst"])
+            # A moving window of `burst` per burst/rate seconds never exceeds the
+            # relay's token bucket; a few sends are left for pairwise messages.
+            amount = max(1, burst - PACE_MARGIN)
+            seconds = max(1, math.ceil(burst / rate))
+            self._pace[relay] = (
+                MovingWindowRateLimiter(MemoryStorage()),
+                RateLimitItemPerSecond(amount, seconds),
+            )
+        return self._pace[relay]
+
+    async def _paced(self, room: Room, count: int) -> None:
+        try:
+            limits = await self.client.http(room.relay).limits()
+        except Exception:
+            return  # the relay's own limits still hold; nothing to keep to
+        limiter, item = self._pace_for(room.relay, limits)
+        count = min(count, item.amount)
+        while not await limiter.hit(item, "send", cost=count):
+            stats = await limiter.get_window_stats(item, "send")
+            await asyncio.sleep(max(0.01, stats.reset_time - time.time()))
 
     async def _settle(
         self,
@@ -556,22 +576,3 @@ METHODS: dict[str, Callable[[Daemon, dict[str, Any]], Awaitable[Any]]] = {
     "stop": Daemon.m_stop,
     "subscribe": Daemon.m_rooms,  # dispatched by name in _answer (it needs the connection)
 }
-
-
-def _error(rid: Any, code: int, message: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if data:
-        error["data"] = data
-    return {"jsonrpc": "2.0", "id": rid, "error": error}
-
-
-def _same_user(writer: asyncio.StreamWriter) -> bool:
-    sock = writer.get_extra_info("socket")
-    if sock is None:
-        return False
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except (OSError, AttributeError):
-        return False
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return bool(uid == os.getuid())

@@ -193,12 +193,12 @@ class RelayHttp:
         )
         return unb64(result["bundle"])
 
-    async def limits(self) -> dict[str, int]:
+    async def limits(self) -> dict[str, Any]:
         """The relay's size limits (``GET /v1/limits``), asked once per instance.
 
         Only an answer is kept: after a failure the next call asks again.
         """
-        cached: dict[str, int] | None = getattr(self, "_limits", None)
+        cached: dict[str, Any] | None = getattr(self, "_limits", None)
         if cached is None:
             answer = await self._request("GET", "/v1/limits")
             names = ("max_message_bytes", "max_frame_bytes", "max_event_bytes", "max_mailbox_depth")
@@ -207,11 +207,15 @@ class RelayHttp:
             ):
                 raise RelayError("protocol", "the relay's limits are malformed")
             cached = self._limits = {n: answer[n] for n in names}
-            # Added later: a relay of an earlier release does not say (its default).
+            # Added later: a relay of an earlier release does not say (its defaults).
             inflight = answer.get("max_inflight_writes")
             cached["max_inflight_writes"] = (
                 inflight if type(inflight) is int and inflight > 0 else 64
             )
+            rate, burst = answer.get("send_rate_per_second"), answer.get("send_burst")
+            ok_rate = type(rate) in (int, float) and 0 < rate < 1e9
+            cached["send_rate_per_second"] = rate if ok_rate else 20
+            cached["send_burst"] = burst if type(burst) is int and burst > 0 else 40
         return cached
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .daemon import BUSY, OFFLINE, RELAY, socket_path
 from .errors import ClientError
 from .relay import RelayError
+from .rpcwire import BUSY, OFFLINE, RELAY, socket_path
 
 #: Longest answer line read back (a `read` of a large room is the largest).
 MAX_ANSWER = 64 << 20

@@ -149,6 +149,10 @@ class Limits(BaseModel):
     max_inflight_writes: int = Field(
         description="most sends one connection may have waiting for their `sent` (past it: busy)"
     )
+    send_rate_per_second: float = Field(
+        description="sustained sends one connection (and one member key) may make"
+    )
+    send_burst: int = Field(description="sends allowed at once above that rate")
 
 
 class ErrorBody(BaseModel):
@@ -177,6 +181,12 @@ async def limits(settings: SettingsDep) -> Any:
         "max_event_bytes": log_limits(settings).max_event_size,
         "max_mailbox_depth": settings.max_mailbox_depth,
         "max_inflight_writes": settings.max_inflight_writes,
+        # The stricter of the per-connection and per-key limits: what one member's
+        # client can keep to, so a script is paced rather than refused.
+        "send_rate_per_second": min(
+            settings.rate_messages_per_second, settings.key_messages_per_second
+        ),
+        "send_burst": min(settings.rate_burst, settings.key_burst),
     }
 
 

@@ -73,6 +73,10 @@ async def test_the_relay_publishes_its_limits_and_the_client_asks_once(
         "max_event_bytes": relay.settings.max_event_bytes,
         "max_mailbox_depth": relay.settings.max_mailbox_depth,
         "max_inflight_writes": relay.settings.max_inflight_writes,
+        "send_rate_per_second": min(
+            relay.settings.rate_messages_per_second, relay.settings.key_messages_per_second
+        ),
+        "send_burst": min(relay.settings.rate_burst, relay.settings.key_burst),
     }
     assert await http.limits() is limits
 
