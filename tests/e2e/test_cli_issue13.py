@@ -419,6 +419,10 @@ def test_init_asks_again_when_the_passphrases_differ(tmp_path: Path, relay: Rela
     term.expect("again:")
     term.type("another\n")
     term.expect("differ; try again")
+    # Wait for the next prompt before typing: getpass flushes what was typed ahead
+    # of it (TCSAFLUSH), as a terminal would for a person typing too early.
+    term.seen = term.seen[term.seen.index(b"differ; try again") :]
+    term.expect("new passphrase:")
     term.type("the real one\n")
     term.seen = b""
     term.expect("again:")
