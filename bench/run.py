@@ -86,6 +86,10 @@ RELAY_ENV = {
     "BACKCHANNEL_RELAY_RATE_PREKEY_CLAIMS_PER_TARGET": "1000000/minute",
     # throughput runs keep every message they send
     "BACKCHANNEL_RELAY_MAX_ROOM_BYTES": str(1 << 40),
+    # fan-out flow control watches one receiver; the others, 25 to a load process
+    # at N=50, may lag it by far more than the default slow-reader bound allows
+    "BACKCHANNEL_RELAY_SEND_QUEUE_DEPTH": "1000000",
+    "BACKCHANNEL_RELAY_MAX_PENDING_BYTES": str(1 << 30),
     # room for 10,000 idle connections plus the warm-up ones
     "BACKCHANNEL_RELAY_MAX_CONNECTIONS": "20000",
 }

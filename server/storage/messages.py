@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ..errors import RelayError
+from .appendsql import CHUNK, AppendRows, NewRow, rows_for
 from .engine import BaseStore
-from .models import Room, RoomMember, RoomMessage, coarse
+from .models import RoomMessage, coarse
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +34,6 @@ class _Post:
     sender: bytes
     client_id: bytes
     data: bytes
-
-
-#: Rows per ``IN`` list: far below SQLite's and PostgreSQL's limits on bound parameters.
-_CHUNK = 200
 
 
 def _key_of(post: _Post) -> tuple[bytes, bytes, bytes]:
@@ -64,48 +60,28 @@ class MessageStore(BaseStore):
     ) -> tuple[StoredMessage, bool]:
         """Store a room message once; returns the stored message and ``fresh``."""
         post = _Post(room_id, sender, client_id, data)
-        return await self.batcher.submit_bulk(self._append_batch, post)  # type: ignore[no-any-return]
-
-    async def _append_batch(self, session: AsyncSession, posts: list[_Post]) -> list[Any]:
-        # A fixed handful of statements per batch rather than six per message: each
-        # statement (and ORM flush) costs round trips between the event loop and the
-        # database thread, and those, not SQLite, bounded the relay's throughput.
-        return await session.run_sync(self._append_sync, posts)
+        return await self.batcher.submit_bulk(self._append_sync, post)  # type: ignore[no-any-return]
 
     def _append_sync(self, session: Session, posts: list[_Post]) -> list[Any]:
-        """The outcomes of ``posts`` in order, as if appended one after another."""
-        conn = session.connection()
+        """The outcomes of ``posts`` in order, as if appended one after another.
+
+        A fixed handful of statements per batch rather than six per message, and
+        synchronous: each statement through the async driver costs round trips
+        between the event loop and the database thread, and those, not the
+        database, bounded the relay's throughput (see :class:`.engine.Batcher`)."""
+        db = rows_for(session.connection())
         keys = [_key_of(p) for p in posts]
         # A retried client id is answered with the original, before any other check:
         # the sender may have left since, or the room filled up.
         original: dict[tuple[bytes, bytes, bytes], tuple[int, int]] = {}
         unique = sorted(set(keys))
-        for i in range(0, len(unique), _CHUNK):
-            rows = conn.execute(
-                select(
-                    RoomMessage.room_id,
-                    RoomMessage.sender,
-                    RoomMessage.client_id,
-                    RoomMessage.seq,
-                    RoomMessage.created_at,
-                ).where(
-                    tuple_(RoomMessage.room_id, RoomMessage.sender, RoomMessage.client_id).in_(
-                        unique[i : i + _CHUNK]
-                    )
-                )
-            )
-            for r in rows:
-                original[r.room_id, r.sender, r.client_id] = (r.seq, r.created_at)
+        for i in range(0, len(unique), CHUNK):
+            for room_id, sender, client_id, seq, created in db.originals(unique[i : i + CHUNK]):
+                original[room_id, sender, client_id] = (seq, created)
         pairs = sorted({(p.room_id, p.sender) for p in posts if _key_of(p) not in original})
         roles: dict[tuple[bytes, bytes], str] = {}
-        for i in range(0, len(pairs), _CHUNK):
-            rows = conn.execute(
-                select(RoomMember.room_id, RoomMember.member, RoomMember.role).where(
-                    tuple_(RoomMember.room_id, RoomMember.member).in_(pairs[i : i + _CHUNK]),
-                    RoomMember.left_pos.is_(None),
-                )
-            )
-            roles.update({(r.room_id, r.member): r.role for r in rows})
+        for i in range(0, len(pairs), CHUNK):
+            roles.update({(r, m): role for r, m, role in db.roles(pairs[i : i + CHUNK])})
 
         out: list[Any] = [None] * len(posts)
         first_of: dict[tuple[bytes, bytes, bytes], int] = {}
@@ -126,55 +102,38 @@ class MessageStore(BaseStore):
                 by_room.setdefault(post.room_id, []).append(i)
 
         ts = coarse(self.clock())
-        rows_in: list[dict[str, Any]] = []
+        rows_in: list[NewRow] = []
         # Rooms in a fixed order: two instances' batches then lock their rows in the
         # same order and cannot deadlock on PostgreSQL.
         for room_id in sorted(by_room):
-            taken = self._number(conn, room_id, [posts[i] for i in by_room[room_id]])
+            taken = self._number(db, room_id, [posts[i] for i in by_room[room_id]])
             for i, seq in zip(by_room[room_id], taken, strict=True):
                 post = posts[i]
                 if isinstance(seq, RelayError):
                     out[i] = seq
                     continue
                 out[i] = (StoredMessage(seq, post.data, ts), True)
-                rows_in.append(
-                    {
-                        "room_id": room_id,
-                        "seq": seq,
-                        "sender": post.sender,
-                        "client_id": post.client_id,
-                        "data": post.data,
-                        "created_at": ts,
-                    }
-                )
+                rows_in.append((room_id, seq, post.sender, post.client_id, post.data, ts))
         if rows_in:
-            conn.execute(insert(RoomMessage), rows_in)
+            db.insert(rows_in)
         for i, first in copies:
             done = out[first]
             out[i] = done if isinstance(done, RelayError) else (replace(done[0], data=b""), False)
         return out
 
-    def _number(self, conn: Connection, room_id: bytes, posts: list[_Post]) -> list[Any]:
+    def _number(self, db: AppendRows, room_id: bytes, posts: list[_Post]) -> list[Any]:
         """Sequence numbers for ``posts`` (one room, in order), or the error for each
         that would exceed the room's quota. The quota is checked and spent in the row
         update that numbers the messages: no scan, and no race between two senders
         near the limit, since the row stays locked until the batch commits."""
         limit = self.quotas.max_room_bytes
         sizes = [len(p.data) for p in posts]
-        total = sum(sizes)
-        last = conn.execute(
-            update(Room)
-            .where(Room.id == room_id, Room.stored_bytes + total <= limit)
-            .values(last_seq=Room.last_seq + len(sizes), stored_bytes=Room.stored_bytes + total)
-            .returning(Room.last_seq)
-        ).scalar()
+        last = db.number(room_id, len(sizes), sum(sizes), limit)
         if last is not None:
             return list(range(last - len(sizes) + 1, last + 1))
         # Not all of them fit: take them in order, as if sent one by one, so that a
         # smaller message after one refused still goes in.
-        used = conn.execute(
-            select(Room.stored_bytes).where(Room.id == room_id).with_for_update()
-        ).scalar()
+        used = db.stored_bytes(room_id)
         if used is None:
             return [RelayError("unknown_room", 404) for _ in posts]
         fits: list[bool] = []
@@ -184,13 +143,8 @@ class MessageStore(BaseStore):
         taken = [size for size, fit in zip(sizes, fits, strict=True) if fit]
         if not taken:
             return [_over_quota() for _ in posts]
-        spent = sum(taken)
-        last = conn.execute(
-            update(Room)
-            .where(Room.id == room_id)
-            .values(last_seq=Room.last_seq + len(taken), stored_bytes=Room.stored_bytes + spent)
-            .returning(Room.last_seq)
-        ).scalar_one()
+        last = db.number(room_id, len(taken), sum(taken), None)
+        assert last is not None  # the row was there a statement ago, and is locked
         seqs = iter(range(last - len(taken) + 1, last + 1))
         return [next(seqs) if fit else _over_quota() for fit in fits]
 
