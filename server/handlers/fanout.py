@@ -130,7 +130,8 @@ class Fanout:
     # --- local commits ----------------------------------------------------------------------
 
     def message(self, room: bytes, msg: StoredMessage) -> None:
-        self.hub.publish_message(room, msg, time.monotonic())
+        frame = F.server_frame("msg", room=room, seq=msg.seq, data=msg.data, ts=msg.ts)
+        self.hub.publish_message(room, msg, time.monotonic(), frame)
         self._publish({"k": "m", "r": room, "s": msg.seq})
 
     def event(self, room: bytes, appended: Appended) -> None:

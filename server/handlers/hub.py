@@ -55,11 +55,14 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class Notify:
-    """A room message was committed here (live path); ``t`` is when (monotonic)."""
+    """A room message was committed here (live path); ``t`` is when (monotonic).
+
+    ``frame`` is its ``msg`` frame, encoded once for every subscriber."""
 
     sub: Subscription
     msg: StoredMessage
     t: float = 0.0
+    frame: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +146,11 @@ class Hub:
 
     # --- publishing ---------------------------------------------------------------------
 
-    def publish_message(self, room: bytes, msg: StoredMessage, t: float = 0.0) -> None:
+    def publish_message(
+        self, room: bytes, msg: StoredMessage, t: float = 0.0, frame: bytes = b""
+    ) -> None:
         for sub in list(self.rooms.get(room, ())):
-            sub.conn.offer(Notify(sub, msg, t))
+            sub.conn.offer(Notify(sub, msg, t, frame))
 
     def wake_room(self, room: bytes, seq: int, t: float = 0.0) -> None:
         """Messages up to ``seq`` are in the database; subscribers behind it fetch them."""

@@ -6,6 +6,13 @@ range from the database if it is ahead, and drops it if it is behind. So a
 client sees each room's messages gap-free and in order, whatever order
 notifications arrive in. Catch-up reads are bounded in bytes as well as in
 messages, since a page waits in memory for a reader that may be slow.
+
+The live path is kept short. A message's frame is encoded once for all its
+subscribers (:class:`~..handlers.hub.Notify`). When a connection's writer is
+idle, a next-in-order message is written to its socket there and then, by the
+code that published it, with no task woken per subscriber (:meth:`Writer.offer_now`).
+Otherwise the writer takes everything waiting in its outbox at once and
+writes the frames that need no database in one socket write.
 """
 
 from __future__ import annotations
@@ -35,8 +42,12 @@ if TYPE_CHECKING:
     from ..handlers.hub import Hub
     from ..metrics import Metrics
     from ..storage import MailItem, Store, StoredMessage
+    from .wsproto import BoundedWebSocketProtocol
 
 CLOSE_TRY_LATER = 1013
+#: Most outbox items, and bytes, the writer takes for one socket write.
+WRITE_BATCH = 256
+WRITE_BATCH_BYTES = 256 * 1024
 
 
 def item_size(item: OutItem) -> int:
@@ -64,6 +75,10 @@ class Writer:
     delivered: dict[bytes, set[int]]
     closing: bool
     write_started: float | None
+    #: The protocol under this connection, written to directly (see wsproto.WIRE).
+    wire: BoundedWebSocketProtocol | None
+    #: The writer waits for its outbox with nothing in hand.
+    idle: bool
 
     def _taken(self, item: OutItem) -> None:
         raise NotImplementedError
@@ -82,15 +97,57 @@ class Writer:
         self.write_started = None
         self.metrics.bytes_out.inc(len(data))
 
+    def offer_now(self, item: Notify) -> bool:
+        """Write ``item`` at once if nothing is ahead of it; ``False`` to queue it.
+
+        Only when the writer is idle, its outbox empty and the socket taking
+        data: then nothing can be in flight before this frame, so writing it
+        here keeps the order a queued item would have had."""
+        wire, sub, msg = self.wire, item.sub, item.msg
+        if (
+            wire is None
+            or not self.idle
+            or not item.frame
+            or not self.outbox.empty()
+            or not wire.writable.is_set()
+        ):
+            return False
+        if not sub.active or sub.key is None or msg.seq < sub.next_seq:
+            return True  # nothing to send: what a queued item would have come to
+        if msg.seq != sub.next_seq or not wire.write_messages([item.frame]):
+            return False
+        sub.next_seq = msg.seq + 1
+        self.metrics.bytes_out.inc(len(item.frame))
+        self.metrics.room_out.inc()
+        self.metrics.fanout_latency.observe(time.monotonic() - item.t)
+        return True
+
     async def _write_loop(self) -> None:
         try:
             while True:
-                item = await self.outbox.get()
+                self.idle = True
                 try:
-                    await self._write(item)
+                    batch = [await self.outbox.get()]
                 finally:
-                    self._taken(item)
-                    self.outbox.task_done()
+                    self.idle = False
+                if self.wire is not None:
+                    size = item_size(batch[0])
+                    while (
+                        not self.outbox.empty()
+                        and len(batch) < WRITE_BATCH
+                        and size < WRITE_BATCH_BYTES
+                    ):
+                        batch.append(self.outbox.get_nowait())
+                        size += item_size(batch[-1])
+                try:
+                    if len(batch) == 1:
+                        await self._write(batch[0])
+                    else:
+                        await self._write_many(batch)
+                finally:
+                    for item in batch:
+                        self._taken(item)
+                        self.outbox.task_done()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -107,6 +164,47 @@ class Writer:
             # The socket went away under us; the reader notices and cleans up.
             self.closing = True
 
+    async def _write_many(self, batch: list[OutItem]) -> None:
+        """Write ``batch`` in order: frames that need no database go out together."""
+        ready: list[bytes] = []
+        first: float | None = None
+        live = 0
+        for item in batch:
+            if isinstance(item, Frame):
+                ready.append(item.data)
+                continue
+            if isinstance(item, Notify) and item.frame:
+                sub, msg = item.sub, item.msg
+                if not sub.active or sub.key is None or msg.seq < sub.next_seq:
+                    continue
+                if msg.seq == sub.next_seq:
+                    ready.append(item.frame)
+                    sub.next_seq = msg.seq + 1
+                    first = item.t if first is None else first
+                    live += 1
+                    continue
+            await self._flush(ready, first, live)
+            ready, first, live = [], None, 0
+            await self._write(item)
+        await self._flush(ready, first, live)
+
+    async def _flush(self, frames: list[bytes], t: float | None, live: int) -> None:
+        if not frames:
+            return
+        wire = self.wire
+        assert wire is not None
+        if not wire.writable.is_set():
+            self.write_started = time.monotonic()
+            await wire.writable.wait()
+            self.write_started = None
+        if not wire.write_messages(frames):
+            raise RuntimeError("the connection is closing")
+        self.metrics.bytes_out.inc(sum(len(f) for f in frames))
+        if t is not None:
+            # Live messages in this write: one latency sample, the oldest one's.
+            self.metrics.room_out.inc(live)
+            self.metrics.fanout_latency.observe(time.monotonic() - t)
+
     async def _write(self, item: OutItem) -> None:
         if isinstance(item, Frame):
             await self._out(item.data)
@@ -116,7 +214,11 @@ class Writer:
             # the check reads everything from the database anyway.
             if not sub.active or sub.key is None or msg.seq < sub.next_seq:
                 return
-            if msg.seq == sub.next_seq:
+            if msg.seq == sub.next_seq and item.frame:
+                await self._out(item.frame)
+                sub.next_seq = msg.seq + 1
+                self.metrics.room_out.inc()
+            elif msg.seq == sub.next_seq:
                 await self._deliver(sub, msg)
             else:
                 await self._fetch(sub, upto=msg.seq)
@@ -168,7 +270,7 @@ class Writer:
     async def _deliver(self, sub: Subscription, msg: StoredMessage) -> None:
         await self._out(F.server_frame("msg", room=sub.room, seq=msg.seq, data=msg.data, ts=msg.ts))
         sub.next_seq = msg.seq + 1
-        self.metrics.messages_out.labels("room").inc()
+        self.metrics.room_out.inc()
 
     async def _deliver_mail(self, item: MailItem) -> None:
         seen = self.delivered.get(item.recipient)

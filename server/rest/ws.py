@@ -31,6 +31,7 @@ from ..handlers.hub import (
     Frame,
     Hub,
     MailSync,
+    Notify,
     OutItem,
     Subscription,
 )
@@ -39,6 +40,7 @@ from ..metrics import Metrics
 from ..storage import STORAGE_UNAVAILABLE, unavailable
 from .budgets import ConnectionLimiter, CpuBuckets, KeyBuckets, TokenBucket
 from .writer import Writer, item_size
+from .wsproto import WIRE
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -123,11 +125,15 @@ class Connection(Writer):
         self.reader: asyncio.Task[Any] | None = None
         self.closing = False
         self.aborted = False
+        self.wire = ws.scope.get("extensions", {}).get(WIRE)
+        self.idle = False
 
     # --- outbox -----------------------------------------------------------------------------
 
     def offer(self, item: OutItem) -> None:
         if self.closing:
+            return
+        if isinstance(item, Notify) and self.offer_now(item):
             return
         size = item_size(item)
         if self.pending + size > self.settings.max_pending_bytes:

@@ -11,6 +11,13 @@ and an empty continuation is refused (no client of ours sends one).
 When the application is done with a connection whose peer stopped reading,
 the socket is aborted rather than closed: asyncio's ``close`` waits for the
 write buffer to drain, which for such a peer is never.
+
+The relay's writer may also hand binary messages to the protocol directly
+(:meth:`BoundedWebSocketProtocol.write_messages`, offered to the application
+as the scope extension ``WIRE``): many frames in one socket write, no ASGI
+message per frame. Everything else (accept, close, errors) still goes through
+ASGI. bench/ measured the ASGI path at about a third of the relay's time per
+delivered frame.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from websockets.frames import Frame
 
 #: How long a refused peer's frames are read and discarded before its socket closes.
 LINGER_SECONDS = 1.0
+#: The ASGI scope extension under which the protocol offers ``write_messages``.
+WIRE = "backchannel.wire"
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 
@@ -64,7 +73,18 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
             return
         super().handle_cont(event)
 
+    def write_messages(self, messages: list[bytes]) -> bool:
+        """Write binary ``messages`` in one socket write; ``False`` if the
+        connection is closing or gone (nothing is then written)."""
+        if self.disconnected or self.close_sent or self.transport.is_closing():
+            return False
+        for message in messages:
+            self.conn.send_binary(message)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        return True
+
     async def run_asgi(self) -> None:
+        self.scope.setdefault("extensions", {})[WIRE] = self  # type: ignore[typeddict-unknown-key]
         await super().run_asgi()
         if not self.writable.is_set():
             # The application is done with a peer that stopped reading: a plain
