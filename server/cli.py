@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 import uvicorn
 from pydantic import ValidationError
+from starlette.applications import Starlette
 
 from .admin import create_admin_app
 from .app import create_app
@@ -106,7 +107,7 @@ def uvicorn_config(asgi: Any, settings: Settings) -> uvicorn.Config:
         # Frames up to twice the limit reach the relay, which answers
         # `frame_too_large`; bigger ones are cut off by the WebSocket layer (1009).
         ws_max_size=2 * settings.max_frame_bytes,
-        ws=bounded_protocol(settings.max_fragments),
+        ws=bounded_protocol(settings.max_fragments, wire=isinstance(asgi, Starlette)),
         # Ciphertext does not compress; per-connection zlib state would cost about
         # 40 KiB of memory per connection and CPU on every frame for nothing.
         ws_per_message_deflate=False,

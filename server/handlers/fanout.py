@@ -130,7 +130,7 @@ class Fanout:
     # --- local commits ----------------------------------------------------------------------
 
     def message(self, room: bytes, msg: StoredMessage) -> None:
-        frame = F.server_frame("msg", room=room, seq=msg.seq, data=msg.data, ts=msg.ts)
+        frame = F.msg_frame(room, msg.seq, msg.data, msg.ts)
         self.hub.publish_message(room, msg, time.monotonic(), frame)
         self._publish({"k": "m", "r": room, "s": msg.seq})
 

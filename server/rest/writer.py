@@ -260,15 +260,24 @@ class Writer:
                 self.settings.catch_up_page_bytes,
                 upto,
             )
-            for msg in page:
+            if self.wire is not None and page:
+                # The page in one socket write (it is bounded in bytes already).
                 if not sub.active:
                     return
-                await self._deliver(sub, msg)
+                frames = [F.msg_frame(sub.room, m.seq, m.data, m.ts) for m in page]
+                await self._flush(frames, None, 0)
+                sub.next_seq = page[-1].seq + 1
+                self.metrics.room_out.inc(len(page))
+            else:
+                for msg in page:
+                    if not sub.active:
+                        return
+                    await self._deliver(sub, msg)
             if not more:
                 return
 
     async def _deliver(self, sub: Subscription, msg: StoredMessage) -> None:
-        await self._out(F.server_frame("msg", room=sub.room, seq=msg.seq, data=msg.data, ts=msg.ts))
+        await self._out(F.msg_frame(sub.room, msg.seq, msg.data, msg.ts))
         sub.next_seq = msg.seq + 1
         self.metrics.room_out.inc()
 

@@ -37,6 +37,8 @@ CLOSE_TOO_BIG = 1009
 
 class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     max_fragments = 64
+    #: Whether the application may write around ASGI (see bounded_protocol).
+    offer_wire = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -84,7 +86,8 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         return True
 
     async def run_asgi(self) -> None:
-        self.scope.setdefault("extensions", {})[WIRE] = self  # type: ignore[typeddict-unknown-key]
+        if self.offer_wire:
+            self.scope.setdefault("extensions", {})[WIRE] = self  # type: ignore[typeddict-unknown-key]
         await super().run_asgi()
         if not self.writable.is_set():
             # The application is done with a peer that stopped reading: a plain
@@ -93,8 +96,15 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.abort()
 
 
-def bounded_protocol(max_fragments: int) -> type[BoundedWebSocketProtocol]:
-    """The protocol class for uvicorn's ``ws=`` setting, with this relay's bound."""
+def bounded_protocol(max_fragments: int, wire: bool = False) -> type[BoundedWebSocketProtocol]:
+    """The protocol class for uvicorn's ``ws=`` setting, with this relay's bound.
+
+    ``wire``: offer :meth:`~BoundedWebSocketProtocol.write_messages` to the
+    application. Only when uvicorn runs the relay's own app: a wrapper around it
+    that watches or changes the ASGI messages (the malicious relay of the tests
+    is one) would not see frames written around them."""
     return type(
-        "BoundedWebSocketProtocol", (BoundedWebSocketProtocol,), {"max_fragments": max_fragments}
+        "BoundedWebSocketProtocol",
+        (BoundedWebSocketProtocol,),
+        {"max_fragments": max_fragments, "offer_wire": wire},
     )

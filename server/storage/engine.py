@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -118,8 +119,9 @@ def make_direct_writer(engine: AsyncEngine) -> Engine | None:
         url.set(drivername="sqlite+pysqlite"),
         # One thread uses it (Batcher's executor); disposal may come from another.
         connect_args={"timeout": timeout, "check_same_thread": False},
+        # A connection per thread: the batcher's writer and the catch-up reader.
         poolclass=SingletonThreadPool,
-        pool_size=1,
+        pool_size=2,
     )
     _sqlite_connection_setup(direct)
     return direct
@@ -129,6 +131,10 @@ def unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means "the database cannot be reached" (not "this write is bad")."""
     if isinstance(exc, RelayError):
         return exc.code == STORAGE_UNAVAILABLE
+    if isinstance(exc, sqlite3.OperationalError):
+        # Raised as is by the statements run on sqlite3 itself (see appendsql.py):
+        # locked, disk I/O error, disk full, cannot open.
+        return True
     if isinstance(exc, OSError | ConnectionError | TimeoutError | PoolTimeout):
         return True
     if isinstance(exc, InterfaceError | OperationalError):
@@ -443,6 +449,7 @@ class BaseStore:
         )
         self.health = WriteHealth()
         self.direct = make_direct_writer(engine)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="catch-up")
         self.batcher = Batcher(
             self.writing,
             batch_window,
@@ -484,6 +491,29 @@ class BaseStore:
             raise storage_unavailable() from exc
         self.health.succeeded()
 
+    async def read_direct(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        """SQLite: run ``run`` on sqlite3 itself in one read transaction, on the
+        reader thread (one hop, however many statements). Errors as :meth:`reading`."""
+        assert self.direct is not None
+        direct = self.direct
+
+        def read() -> T:
+            with direct.connect() as conn:
+                db = conn.connection.driver_connection
+                assert isinstance(db, sqlite3.Connection)
+                db.execute("BEGIN")
+                try:
+                    return run(db)
+                finally:
+                    db.execute("ROLLBACK")
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._reader, read)
+        except Exception as exc:
+            if isinstance(exc, RelayError) or not unavailable(exc):
+                raise
+            raise storage_unavailable() from exc
+
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:
         try:
@@ -499,6 +529,7 @@ class BaseStore:
 
     async def close(self) -> None:
         await self.batcher.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self._reader.shutdown)
         if self.direct is not None:
             self.direct.dispose()
         await self.engine.dispose()

@@ -9,6 +9,7 @@ update per room, one multi-row insert; each message still gets its own answer.
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -177,6 +178,10 @@ class MessageStore(BaseStore):
         ciphertext are in the page (always at least one message), since a catch-up
         page is held in memory until a possibly slow reader takes it. The flag says
         whether more may follow."""
+        if self.direct is not None:
+            return await self.read_direct(
+                lambda db: _page_sqlite(db, room_id, after, limit, max_bytes, upto)
+            )
         async with self.reading() as session:
             query = select(RoomMessage.seq, func.length(RoomMessage.data)).where(
                 RoomMessage.room_id == room_id, RoomMessage.seq > after
@@ -204,3 +209,32 @@ class MessageStore(BaseStore):
             )
             page = [StoredMessage(r.seq, r.data, r.created_at) for r in rows]
             return page, cut or len(sizes) == limit
+
+
+def _page_sqlite(
+    db: sqlite3.Connection, room_id: bytes, after: int, limit: int, max_bytes: int, upto: int | None
+) -> tuple[list[StoredMessage], bool]:
+    """:meth:`MessageStore.room_messages_page` in plain SQL on sqlite3 (the same two
+    queries, by the primary key), for the catch-up reader's thread."""
+    top = upto if upto is not None else (1 << 62)
+    sizes = db.execute(
+        "SELECT seq, length(data) FROM room_messages WHERE room_id = ? AND seq > ? AND seq <= ? "
+        "ORDER BY seq LIMIT ?",
+        (room_id, after, top, limit),
+    ).fetchall()
+    if not sizes:
+        return [], False
+    total, last, cut = 0, sizes[0][0], False
+    for seq, size in sizes:
+        total += size or 0
+        if total > max_bytes and seq != sizes[0][0]:
+            cut = True
+            break
+        last = seq
+    rows = db.execute(
+        "SELECT seq, data, created_at FROM room_messages WHERE room_id = ? AND seq > ? "
+        "AND seq <= ? ORDER BY seq",
+        (room_id, after, last),
+    ).fetchall()
+    page = [StoredMessage(seq, bytes(data), created) for seq, data, created in rows]
+    return page, cut or len(sizes) == limit
