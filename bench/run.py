@@ -90,6 +90,9 @@ RELAY_ENV = {
     # at N=50, may lag it by far more than the default slow-reader bound allows
     "BACKCHANNEL_RELAY_SEND_QUEUE_DEPTH": "1000000",
     "BACKCHANNEL_RELAY_MAX_PENDING_BYTES": str(1 << 30),
+    # the fan-out sender only sends (a real client also subscribes), so to the relay
+    # it is a connection with no subscription, closed after the default 30 s
+    "BACKCHANNEL_RELAY_SETUP_WINDOW_SECONDS": "3600",
     # room for 10,000 idle connections plus the warm-up ones
     "BACKCHANNEL_RELAY_MAX_CONNECTIONS": "20000",
 }

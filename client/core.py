@@ -294,6 +294,12 @@ class Client:
     async def handle_frame(self, sock: RelaySocket, rooms: dict[bytes, Room], frame: Frame) -> None:
         await self.receiver.handle_frame(sock, rooms, frame)
 
+    async def handle_frames(
+        self, sock: RelaySocket, rooms: dict[bytes, Room], frames: list[Frame]
+    ) -> None:
+        """Several frames in order; room messages share one local transaction."""
+        await self.receiver.handle_frames(sock, rooms, frames)
+
     async def retry_stash(self, room: Room) -> None:
         await self.receiver.retry_stash(room)
 

@@ -65,6 +65,8 @@ class _NameTable:
     key: tuple[int, int]  # (log length, this room's peer-row version)
     tags: dict[bytes, NameTag]  # everyone the log ever admitted; ours by our profile name
     rows: dict[bytes, PeerRecord] = field(default_factory=dict)  # what the tags were made of
+    #: The store's version of the peer rows when they were read.
+    stored: tuple[int, int] = (0, 0)
 
 
 class Peers:
@@ -141,7 +143,7 @@ class Peers:
             )
             for sign, key in keys.items()
         }
-        self._tables[room.room_id] = _NameTable(self._key(room), tags, rows)
+        self._tables[room.room_id] = _NameTable(self._key(room), tags, rows, self._rows.version())
 
     def _table(self, room: Room) -> _NameTable:
         table = self._tables.get(room.room_id)
@@ -162,6 +164,8 @@ class Peers:
         if (
             sign in table.rows
             and room.state.rules.mode != "anonymous"
+            # Read (and decrypted, and decoded) only if the store may have changed.
+            and table.stored != self._rows.version()
             and self.get(room, sign) != table.rows[sign]
         ):
             self.refresh(room)

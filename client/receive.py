@@ -41,6 +41,8 @@ from .transcript import Transcript, message_id
 
 #: Longest wait for the relay to deliver what was stored for us (then we go on).
 CATCH_UP_TIMEOUT = 30.0
+#: Most frames already arrived that are taken together (see handle_frames).
+BATCH = 256
 #: While messages are being asked for again, how long to wait for them, how often.
 REPAIR_WAIT = 1.0
 MAX_REPAIR_WAITS = 3
@@ -52,6 +54,7 @@ _DAMAGE = ("bad_signature", "unknown_sender_key", "malformed", "decryption_faile
 
 #: What a hostile frame or payload can make parsing raise; refused, never propagated.
 _MALFORMED = (ProtocolError, ValueError, KeyError, TypeError, OverflowError)
+MALFORMED_FRAME = "a malformed frame from the relay was refused"
 
 
 def _b(v: Any) -> bytes:
@@ -133,16 +136,20 @@ class Receiver:
                     await self._ask_again(sock, by_id)
                     continue
                 return
-            if frame.type == "pong":
-                if not caught_up:
-                    with self.ctx.store.transaction():
-                        for room in rooms:
-                            self.senderkeys.report_lost_tails(room)
-                            room.live = True
-                            self.transcript.raise_floor(room)
-                caught_up = True
-                continue
-            await self.handle_frame(sock, by_id, frame)
+            # What else has arrived goes with it: room messages in one transaction.
+            frames = [frame, *sock.ready(BATCH - 1)]
+            while frames:
+                pong = next((i for i, f in enumerate(frames) if f.type == "pong"), len(frames))
+                await self.handle_frames(sock, by_id, frames[:pong])
+                if pong < len(frames):
+                    if not caught_up:
+                        with self.ctx.store.transaction():
+                            for room in rooms:
+                                self.senderkeys.report_lost_tails(room)
+                                room.live = True
+                                self.transcript.raise_floor(room)
+                    caught_up = True
+                frames = frames[pong + 1 :]
 
     def _repairing(self, sock: RelaySocket, rooms: list[Room]) -> bool:
         return any(self.repair.outstanding(self.repair.link(sock, r)) for r in rooms)
@@ -157,9 +164,59 @@ class Receiver:
         except _MALFORMED:
             room_id = frame.get("room")
             if isinstance(room_id, bytes) and room_id in rooms:
-                self.transcript.warn(rooms[room_id], "a malformed frame from the relay was refused")
+                self.transcript.warn(rooms[room_id], MALFORMED_FRAME)
         await self.forks.send_questions(sock, rooms)
         await self._ask_again(sock, rooms)
+
+    async def handle_frames(
+        self, sock: RelaySocket, rooms: dict[bytes, Room], frames: list[Frame]
+    ) -> None:
+        """:meth:`handle_frame` for each of ``frames``, in order, except that a run of
+        room messages that need nothing from the network is handled in one local
+        transaction: one commit (one fsync) for the run, not one per message."""
+        i = 0
+        while i < len(frames):
+            run: list[tuple[Room, int, bytes, RoomEnvelope]] = []
+            while i < len(frames) and (quick := self._quick(rooms, frames[i])) is not None:
+                run.append(quick)
+                i += 1
+            if run:
+                with self.ctx.store.transaction():
+                    for room, seq, data, envelope in run:
+                        handled, link = self._arrive(sock, room, seq, data)
+                        if handled:
+                            continue
+                        try:
+                            self._read_now(room, seq, data, link, True, envelope)
+                        except _MALFORMED:  # as handle_frame: refused, never raised
+                            self.transcript.warn(room, MALFORMED_FRAME)
+                await self.forks.send_questions(sock, rooms)
+                await self._ask_again(sock, rooms)
+            if i < len(frames):
+                await self.handle_frame(sock, rooms, frames[i])
+                i += 1
+
+    def _quick(
+        self, rooms: dict[bytes, Room], frame: Frame
+    ) -> tuple[Room, int, bytes, RoomEnvelope] | None:
+        """A room message whose handling needs no await (its room's log already
+        covers it), parsed; ``None`` for anything else, which goes the long way."""
+        if frame.type != "msg":
+            return None
+        try:
+            room = rooms.get(_b(frame["room"]))
+            seq, data = _i(frame["seq"]), _b(frame["data"])
+            envelope = RoomEnvelope.from_bytes(data)
+        except (*_MALFORMED, ProtocolError):
+            return None
+        if (
+            room is None
+            or room.status == "compromised"
+            or envelope.room_id != room.room_id
+            or envelope.epoch_pos >= room.state.length
+        ):
+            return None
+        return room, seq, data, envelope
 
     async def _ask_again(self, sock: RelaySocket, rooms: dict[bytes, Room]) -> None:
         for room in rooms.values():
@@ -290,14 +347,20 @@ class Receiver:
     # --- room messages ---------------------------------------------------------------------
 
     async def _on_msg(self, sock: RelaySocket, room: Room, seq: int, data: bytes) -> None:
+        handled, link = self._arrive(sock, room, seq, data)
+        if not handled:
+            await self.on_room_message(room, seq, data, link)
+
+    def _arrive(self, sock: RelaySocket, room: Room, seq: int, data: bytes) -> tuple[bool, Link]:
+        """Note a room message's arrival; whether it was handled already."""
         link = self.repair.link(sock, room)
         if self.repair.already_handled(room, seq, data):
             # A previous connection handled it (the relay resends from the cursor).
             if seq > room.cursor:
                 self.repair.seen_before(room, link, seq)
-            return
+            return True, link
         self.repair.arrived(link, seq)
-        await self.on_room_message(room, seq, data, link)
+        return False, link
 
     async def on_room_message(
         self, room: Room, seq: int, data: bytes, link: Link | None = None, *, retry: bool = True
@@ -325,6 +388,25 @@ class Receiver:
             await self.membership.sync_log(room)
         if room.status == "compromised":
             return
+        self._read_now(room, seq, data, link, retry, envelope, checked=True)
+
+    def _read_now(
+        self,
+        room: Room,
+        seq: int,
+        data: bytes,
+        link: Link | None,
+        retry: bool,
+        envelope: RoomEnvelope,
+        *,
+        checked: bool = False,
+    ) -> None:
+        """Open, check and show a room message whose room's log covers it."""
+        if not checked:
+            mine = room.state.members.get(room.me)
+            if envelope.sender == room.me or (mine is not None and envelope.epoch_pos < mine.since):
+                self._finish(room, seq, data, link)  # our own, or from before we joined
+                return
         with self.ctx.store.transaction():
             key = self.senderkeys.inbound(room, envelope.sender, envelope.generation)
             who = self.peers.display_name(room, envelope.sender)

@@ -114,6 +114,9 @@ class Table(Generic[C]):
     def put(self, key: bytes, record: C, *, scope: bytes = b"") -> None:
         self.store.put(self.ns, key, record.to_bytes(), scope=scope)
 
+    def version(self) -> tuple[int, int]:
+        return self.store.version(self.ns)
+
     def delete(self, key: bytes) -> None:
         self.store.delete(self.ns, key)
 

@@ -406,6 +406,18 @@ class RelaySocket:
             raise item
         return item
 
+    def ready(self, most: int) -> list[Frame]:
+        """Up to ``most`` frames that have already arrived, without waiting (a
+        failure stays queued for the next :meth:`recv`)."""
+        out: list[Frame] = []
+        while len(out) < most and not self.inbox.empty():
+            item = self.inbox.get_nowait()
+            if isinstance(item, RelayError):
+                self.inbox.put_nowait(item)
+                break
+            out.append(item)
+        return out
+
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()

@@ -51,6 +51,8 @@ STORE_VERSION: Final = 2
 DB_NAME: Final = "state.db"
 LOCK_NAME: Final = "state.lock"
 _LABEL_INDEX: Final = b"bc-store-index"
+#: Row keys kept derived in memory (see Store._k); cleared whole past this.
+_DERIVED_MAX: Final = 4096
 _LABEL_WRAP: Final = b"bc-store-wrap"
 
 _SCHEMA = """
@@ -99,6 +101,11 @@ class Store:
         self._master = master
         self._index_key = P.kdf(master, _LABEL_INDEX, b"", 32)
         self._depth = 0
+        #: Bumped by every write to a namespace and by every rollback: what a cache
+        #: of decoded rows compares to know it still holds what the store holds.
+        self._versions: dict[str, int] = {}
+        self._rollbacks = 0
+        self._derived: dict[tuple[str, bytes], bytes] = {}
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -214,6 +221,7 @@ class Store:
 
     def close(self) -> None:
         """Close the database, then give up the profile lock."""
+        self._derived.clear()
         try:
             self._conn.close()
         finally:
@@ -239,6 +247,7 @@ class Store:
             yield
         except BaseException:
             self._conn.execute("ROLLBACK")
+            self._rollbacks += 1
             raise
         else:
             self._conn.execute("COMMIT")
@@ -248,7 +257,16 @@ class Store:
     # --- sealed items ---------------------------------------------------------------------
 
     def _k(self, ns: str, key: bytes) -> bytes:
-        return P.kdf(self._index_key, _LABEL_INDEX, encode([ns, key]), 32)
+        # The same few keys are looked up for every message (its room's cursor, its
+        # sender's key, the room's scope): derived once each, from a bounded memo
+        # that holds no more than the index key they all come from.
+        found = self._derived.get((ns, key))
+        if found is None:
+            found = P.kdf(self._index_key, _LABEL_INDEX, encode([ns, key]), 32)
+            if len(self._derived) >= _DERIVED_MAX:
+                self._derived.clear()
+            self._derived[ns, key] = found
+        return found
 
     def _seal(self, ad: bytes, value: bytes) -> bytes:
         nonce = P.random_bytes(P.AEAD_NONCE_SIZE)
@@ -262,7 +280,15 @@ class Store:
         except DecryptionFailed:
             raise StoreCorrupt("a stored value does not authenticate") from None
 
+    def version(self, ns: str) -> tuple[int, int]:
+        """Changes whenever what ``ns`` holds may have changed (a write or a rollback)."""
+        return self._rollbacks, self._versions.get(ns, 0)
+
+    def _wrote(self, ns: str) -> None:
+        self._versions[ns] = self._versions.get(ns, 0) + 1
+
     def put(self, ns: str, key: bytes, value: bytes, *, scope: bytes = b"") -> None:
+        self._wrote(ns)
         k = self._k(ns, key)
         with self.transaction():
             self._conn.execute(
@@ -276,6 +302,7 @@ class Store:
         return None if row is None else self._open(ns.encode() + k, bytes(row[0]))
 
     def delete(self, ns: str, key: bytes) -> None:
+        self._wrote(ns)
         with self.transaction():
             self._conn.execute("DELETE FROM items WHERE ns = ? AND k = ?", (ns, self._k(ns, key)))
 
@@ -292,6 +319,7 @@ class Store:
         return [self._open(ns.encode() + bytes(k), bytes(v)) for k, v in rows]
 
     def delete_scope(self, ns: str, scope: bytes) -> None:
+        self._wrote(ns)
         with self.transaction():
             self._conn.execute(
                 "DELETE FROM items WHERE ns = ? AND scope = ?", (ns, self._scope(ns, scope))

@@ -119,3 +119,43 @@ def test_mark_verified_shows_in_members_and_survives_a_restart(tmp_path: Path) -
     # Verifying keeps what the member told us.
     assert peers.get(room, ann.public.sign).name == "Ann"
     assert peers.find(room, "Ann").verified
+
+
+def test_the_name_table_follows_rollbacks_and_other_writers_without_reading_per_line(
+    tmp_path: Path,
+) -> None:
+    """Issue 14: a name is shown from the table in memory, read again from the store
+    only when the store may have changed (a write to the peer rows, or a rollback)."""
+    store = Store.create(tmp_path / "fac", "pw", **FAST)
+    peers = Peers(store)
+    room, (ann, _bob) = shared_room("chatham")
+    sign = ann.public.sign
+    peers.learn(room, sign, "Ann", None)
+    assert peers.display_name(room, sign) == "Ann"
+
+    reads: list[str] = []
+    real_get = store.get
+
+    def counting_get(ns: str, key: bytes) -> bytes | None:
+        reads.append(ns)
+        return real_get(ns, key)
+
+    store.get = counting_get  # type: ignore[method-assign]
+    for _ in range(50):
+        assert peers.display_name(room, sign) == "Ann"
+    assert reads.count("peer") == 0  # nothing changed: no row decrypted per line
+
+    # A name learned inside a transaction that is then rolled back is not shown.
+    try:
+        with store.transaction():
+            peers.learn(room, sign, "Mallory", None)
+            assert peers.display_name(room, sign) == "Mallory"
+            raise RuntimeError("abandoned")
+    except RuntimeError:
+        pass
+    assert peers.display_name(room, sign) == "Ann"
+
+    # A row written past this Peers (another instance on the same store) is seen.
+    other = Peers(store)
+    other.learn(room, sign, "Ann Aldridge", None)
+    assert peers.display_name(room, sign) == "Ann Aldridge"

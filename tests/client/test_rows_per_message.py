@@ -69,9 +69,11 @@ async def test_one_room_message_touches_the_same_rows_whatever_the_room(
     finally:
         await others.close()
     assert small.calls == large.calls
-    # Which rows: the sender's key, its next generation (is this one replaced?) and
-    # its peer row read; the key, the cursor and one line written.
-    assert small.calls == Counter(get=3, put=2, add_message=1)
+    # Which rows: the sender's key and its next generation (is this one replaced?)
+    # read; the key, the cursor and one line written. The sender's peer row is not
+    # read: the name table in memory is current while the store has not changed
+    # (issue 14; tests/client/test_peers.py).
+    assert small.calls == Counter(get=2, put=2, add_message=1)
     assert not {"values", "scan"} & set(small.calls)  # nothing listed
     # Bytes do not grow with members or history (a few bytes of varint and names).
     assert large.bytes <= small.bytes + 64
