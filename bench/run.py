@@ -735,7 +735,9 @@ def build_rows(res: dict[str, Any], p: Params) -> list[dict[str, Any]]:
                 key = f"n{n}_{size}"
                 a, b = rel["fanout"][key], base["fanout"][key]
                 label = f"fan-out N={n} {size} B"
-                if n == 10 and backend == "sqlite":
+                if n == 10:
+                    # Issue 14's targets: half the bare server on SQLite, 0.35 on PostgreSQL.
+                    want = 0.5 if backend == "sqlite" else 0.35
                     ratio = a["delivered_per_s"] / b["delivered_per_s"]
                     add(
                         f"{label}: delivered",
@@ -743,8 +745,8 @@ def build_rows(res: dict[str, Any], p: Params) -> list[dict[str, Any]]:
                         "msg/s",
                         a["delivered_per_s"],
                         b["delivered_per_s"],
-                        ">= 0.5 x baseline",
-                        ratio >= 0.5,
+                        f">= {want} x baseline",
+                        ratio >= want,
                     )
                 else:
                     add(
@@ -755,23 +757,26 @@ def build_rows(res: dict[str, Any], p: Params) -> list[dict[str, Any]]:
                         b["delivered_per_s"],
                     )
                 add(f"{label}: p50 @50% load", backend, "ms", a["p50_ms"], b["p50_ms"])
-                limit = 2 * b["p99_ms"] + 5
+                limit = 2 * b["p99_ms"] + 2
                 add(
                     f"{label}: p99 @50% load",
                     backend,
                     "ms",
                     a["p99_ms"],
                     b["p99_ms"],
-                    f"<= {limit:.1f} ms (2 x base + 5)",
+                    f"<= {limit:.1f} ms (2 x base + 2)",
                     a["p99_ms"] <= limit,
                 )
         a, b = rel["rooms"], base["rooms"]
+        ratio = a["delivered_per_s"] / b["delivered_per_s"]
         add(
             f"many rooms {a['rooms']} x 5: delivered",
             backend,
             "msg/s",
             a["delivered_per_s"],
             b["delivered_per_s"],
+            ">= 0.4 x baseline",
+            ratio >= 0.4,
         )
         a, b = rel["idle"], base["idle"]
         add(
@@ -780,8 +785,8 @@ def build_rows(res: dict[str, Any], p: Params) -> list[dict[str, Any]]:
             "KiB",
             a["kib_per_connection"],
             b["kib_per_connection"],
-            "<= 30 KiB (K=10,000)",
-            a["kib_per_connection"] <= 30,
+            "<= 20 KiB (K=10,000)",
+            a["kib_per_connection"] <= 20,
         )
         a, b = rel["catchup"], base["catchup"]
         full = a["messages"] >= CATCH_UP
@@ -791,17 +796,27 @@ def build_rows(res: dict[str, Any], p: Params) -> list[dict[str, Any]]:
             "s",
             a["seconds"],
             b["seconds"],
-            "<= 2 s (10,000 messages)",
-            a["seconds"] <= 2 if full else None,
+            "<= 1.5 x baseline (10,000)",
+            a["seconds"] <= 1.5 * b["seconds"] if full else None,
         )
         a, b = rel["e2e"], base["e2e"]
-        add("e2e real crypto: send per process", backend, "msg/s", a["send_per_s"], b["send_per_s"])
+        add(
+            "e2e real crypto: send per process",
+            backend,
+            "msg/s",
+            a["send_per_s"],
+            b["send_per_s"],
+            ">= 0.5 x baseline",
+            a["send_per_s"] >= 0.5 * b["send_per_s"],
+        )
         add(
             "e2e real crypto: receive per process",
             backend,
             "msg/s",
             a["receive_per_s"],
             b["receive_per_s"],
+            ">= 0.6 x baseline",
+            a["receive_per_s"] >= 0.6 * b["receive_per_s"],
         )
     proto = res.get("protocol", {})
     for name, label in (
