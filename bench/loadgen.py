@@ -30,6 +30,12 @@ from typing import Any
 
 import cbor2
 import websockets
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 from websockets.asyncio.client import ClientConnection, connect
 
 from backchannel.protocol import primitives as P
@@ -312,8 +318,17 @@ async def _open_all(conns: list[Conn], parallel: int) -> None:
     gate = asyncio.Semaphore(parallel)
 
     async def one(c: Conn) -> None:
+        # Thousands of handshakes at once on two cores: one may be dropped by the
+        # listener (either server's); opening it again is not part of the figure.
         async with gate:
-            await c.open()
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type((websockets.InvalidMessage, OSError)),
+                wait=wait_random_exponential(multiplier=0.1, max=2.0),
+                stop=stop_after_attempt(4),
+                reraise=True,
+            ):
+                with attempt:
+                    await c.open()
 
     await asyncio.gather(*(one(c) for c in conns))
 
