@@ -129,6 +129,8 @@ class Conn:
         )
         while True:
             frame = cbor2.loads(await asyncio.wait_for(self.ws.recv(), OPEN_TIMEOUT))
+            if frame["t"] == "error" and frame.get("ref") is None:
+                continue  # a notice (reading slows down), not an answer to our auth
             if frame["t"] == "error":
                 raise RuntimeError(f"auth refused: {frame.get('code')}")
             if frame["t"] == "challenge":

@@ -93,6 +93,11 @@ RELAY_ENV = {
     # the fan-out sender only sends (a real client also subscribes), so to the relay
     # it is a connection with no subscription, closed after the default 30 s
     "BACKCHANNEL_RELAY_SETUP_WINDOW_SECONDS": "3600",
+    # 10,000 connections from one address authenticate at once: the decoding-time
+    # budget strangers from one address share would pace them (as it should pace
+    # a stranger's flood); a whole core each instead of a tenth
+    "BACKCHANNEL_RELAY_STRANGER_CPU_SHARE": "1.0",
+    "BACKCHANNEL_RELAY_MEMBER_CPU_SHARE": "1.0",
     # room for 10,000 idle connections plus the warm-up ones
     "BACKCHANNEL_RELAY_MAX_CONNECTIONS": "20000",
 }
