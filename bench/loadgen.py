@@ -354,7 +354,7 @@ async def _main(pipe: Pipe, target: Target, seats: list[Seat], parallel: int) ->
             else:
                 raise ValueError(cmd)
             pipe.send(("ok", result))
-    except (EOFError, OSError):
+    except (EOFError, BrokenPipeError):
         pass  # the orchestrator went away: stop
     except BaseException as exc:
         with contextlib.suppress(Exception):

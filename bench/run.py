@@ -428,10 +428,11 @@ def _whole_run_rate(out: list[dict[str, Any]], start: float) -> float:
 
 
 def scenario_fanout(server: Server, p: Params, log: Any) -> dict[str, Any]:
-    n_max = max(p.fanout_n)
-    room = rooms_for(server, 1, n_max + 1)[0]
     results: dict[str, Any] = {}
     for n in p.fanout_n:
+        # A room of its own per N: receivers join from the room's start, and the
+        # history a faster relay leaves behind would be a catch-up, not fan-out.
+        room = rooms_for(server, 1, n + 1)[0]
         sender = Seat(0, room.room_id, room.seeds[0], subscribe=False, sender=True)
         receivers = [Seat(i, room.room_id, room.seeds[i]) for i in range(1, n + 1)]
         # Worker 0: the sender and its monitor receiver; the others in two processes.
