@@ -188,18 +188,26 @@ class Writer:
             await self._write(item)
         await self._flush(ready, first, live)
 
-    async def _flush(self, frames: list[bytes], t: float | None, live: int) -> None:
-        if not frames:
-            return
+    async def _writable(self) -> None:
+        """Wait until the socket takes data (timed by the reaper, like ``_out``)."""
         wire = self.wire
         assert wire is not None
         if not wire.writable.is_set():
             self.write_started = time.monotonic()
             await wire.writable.wait()
             self.write_started = None
-        if not wire.write_messages(frames):
+
+    def _emit(self, frames: list[bytes]) -> None:
+        assert self.wire is not None
+        if not self.wire.write_messages(frames):
             raise RuntimeError("the connection is closing")
         self.metrics.bytes_out.inc(sum(len(f) for f in frames))
+
+    async def _flush(self, frames: list[bytes], t: float | None, live: int) -> None:
+        if not frames:
+            return
+        await self._writable()
+        self._emit(frames)
         if t is not None:
             # Live messages in this write: one latency sample, the oldest one's.
             self.metrics.room_out.inc(live)
@@ -261,11 +269,13 @@ class Writer:
                 upto,
             )
             if self.wire is not None and page:
-                # The page in one socket write (it is bounded in bytes already).
+                # The page in one socket write (it is bounded in bytes already),
+                # and none of it once a departure ended the subscription.
+                frames = [F.msg_frame(sub.room, m.seq, m.data, m.ts) for m in page]
+                await self._writable()
                 if not sub.active:
                     return
-                frames = [F.msg_frame(sub.room, m.seq, m.data, m.ts) for m in page]
-                await self._flush(frames, None, 0)
+                self._emit(frames)
                 sub.next_seq = page[-1].seq + 1
                 self.metrics.room_out.inc(len(page))
             else:
