@@ -32,6 +32,16 @@ Scenarios (issue #7 §1.3), each the median of ``--repeats`` runs:
 The relay runs with its defaults (durability: SQLite WAL, synchronous=FULL,
 group commit) except for the limits that would refuse a benchmark from one
 address: see ``RELAY_ENV``, printed with the results.
+
+Optionally, Matrix Synapse in the fan-out scenario (N = 10 only), measured
+by the same runs and the same definition (``bench/synapse.py``): start a
+Synapse on loopback yourself (``bench/SYNAPSE.md``: its own virtualenv,
+SQLite, a registration shared secret, rate limits raised), then add
+
+    --synapse-url http://127.0.0.1:8008 --synapse-secret SECRET
+
+(or the secret in ``BENCH_SYNAPSE_SECRET``). Only a loopback URL is accepted.
+Its rows, "... (Synapse)", have the bare baseline as their baseline.
 """
 
 from __future__ import annotations
@@ -61,7 +71,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from bench import e2e, loadgen  # noqa: E402
+from bench import e2e, loadgen, synapse  # noqa: E402
 from bench.loadgen import Seat, Target  # noqa: E402
 from bench.rooms import BenchRoom, fake_rooms, make_rooms  # noqa: E402
 
@@ -439,36 +449,55 @@ def scenario_fanout(server: Server, p: Params, log: Any) -> dict[str, Any]:
         groups = [[sender, receivers[0]], *split(receivers[1:], 2)]
         workers = Workers(server.target, groups)
         try:
-            for size in p.sizes:
-                rates, p50s, p99s, errors = [], [], [], {}
-
-                for _ in range(p.repeats):
-                    rates.append(_fanout_run(workers, p, size, None, errors)[0])
-                best = med(rates)
-                send_rate = 0.5 * best / n
-                for _ in range(p.repeats):
-                    lat = _fanout_run(workers, p, size, send_rate, errors)[1]
-                    p50s.append(pct(list(lat), 50) * 1000)
-                    p99s.append(pct(list(lat), 99) * 1000)
-                key = f"n{n}_{size}"
-                results[key] = {
-                    "delivered_per_s": best,
-                    "runs": rates,
-                    "latency_send_rate": send_rate,
-                    "p50_ms": med(p50s),
-                    "p99_ms": med(p99s),
-                    "p50_runs": p50s,
-                    "p99_runs": p99s,
-                    "errors": errors,
-                }
-                log(
-                    f"  fan-out {server.kind:8} N={n:<3} {size:>5} B: {best:10,.0f} msg/s  "
-                    f"p50 {med(p50s):6.2f} ms  p99 {med(p99s):6.2f} ms"
-                    + (f"  errors {errors}" if errors else "")
-                )
+            results.update(_fanout_sizes(workers, p, n, server.kind, log))
         finally:
             workers.close()
     return results
+
+
+def _fanout_sizes(workers: Any, p: Params, n: int, who: str, log: Any) -> dict[str, Any]:
+    """Every payload size on ready ``workers``: the maximum rate, then latency at half of it."""
+    results: dict[str, Any] = {}
+    for size in p.sizes:
+        rates, p50s, p99s, errors = [], [], [], {}
+
+        for _ in range(p.repeats):
+            rates.append(_fanout_run(workers, p, size, None, errors)[0])
+        best = med(rates)
+        send_rate = 0.5 * best / n
+        for _ in range(p.repeats):
+            lat = _fanout_run(workers, p, size, send_rate, errors)[1]
+            p50s.append(pct(list(lat), 50) * 1000)
+            p99s.append(pct(list(lat), 99) * 1000)
+        key = f"n{n}_{size}"
+        results[key] = {
+            "delivered_per_s": best,
+            "runs": rates,
+            "latency_send_rate": send_rate,
+            "p50_ms": med(p50s),
+            "p99_ms": med(p99s),
+            "p50_runs": p50s,
+            "p99_runs": p99s,
+            "errors": errors,
+        }
+        log(
+            f"  fan-out {who:8} N={n:<3} {size:>5} B: {best:10,.0f} msg/s  "
+            f"p50 {med(p50s):6.2f} ms  p99 {med(p99s):6.2f} ms"
+            + (f"  errors {errors}" if errors else "")
+        )
+    return results
+
+
+SYNAPSE_N = 10  # receivers in the Synapse fan-out (the relay's N=10 rows)
+
+
+def scenario_synapse(url: str, secret: str, p: Params, log: Any) -> dict[str, Any]:
+    """Fan-out on the operator's Synapse, through the same runs as the relay's."""
+    workers = synapse.Workers(url, secret, SYNAPSE_N, _children)
+    try:
+        return {"url": url, "fanout": _fanout_sizes(workers, p, SYNAPSE_N, "synapse", log)}
+    finally:
+        workers.close()
 
 
 def scenario_rooms(server: Server, p: Params, log: Any) -> dict[str, Any]:
@@ -824,6 +853,18 @@ def build_rows(res: dict[str, Any], p: Params) -> list[dict[str, Any]]:
             ">= 0.6 x baseline",
             a["receive_per_s"] >= 0.6 * b["receive_per_s"],
         )
+    # Synapse beside the bare baseline, so the ratio is Synapse / bare; no targets.
+    syn, bare = res.get("synapse", {}).get("fanout", {}), base.get("fanout", {})
+    for size in p.sizes:
+        key, label = f"n{SYNAPSE_N}_{size}", f"fan-out N={SYNAPSE_N} {size} B"
+        if key in syn:
+            a, b = syn[key], bare.get(key, {})
+            for what, field, unit in (
+                ("delivered", "delivered_per_s", "msg/s"),
+                ("p50 @50% load", "p50_ms", "ms"),
+                ("p99 @50% load", "p99_ms", "ms"),
+            ):
+                add(f"{label}: {what} (Synapse)", "synapse", unit, a[field], b.get(field))
     proto = res.get("protocol", {})
     for name, label in (
         ("sender key encrypt+sign 1 KiB", "sender-key encrypt+sign 1 KiB"),
@@ -969,7 +1010,33 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="write pyinstrument profiles of the e2e client here",
     )
+    parser.add_argument(
+        "--synapse-url",
+        default=None,
+        metavar="URL",
+        help="also run fan-out N=10 on this Synapse (loopback only; see bench/SYNAPSE.md)",
+    )
+    parser.add_argument(
+        "--synapse-secret",
+        default=None,
+        metavar="SECRET",
+        help="its registration_shared_secret (default: $BENCH_SYNAPSE_SECRET)",
+    )
     args = parser.parse_args(argv)
+    syn_secret = args.synapse_secret or os.environ.get("BENCH_SYNAPSE_SECRET", "")
+    if args.synapse_url:
+        problem = synapse.check_url(args.synapse_url)
+        if problem is None and not syn_secret:
+            problem = "--synapse-url needs --synapse-secret or BENCH_SYNAPSE_SECRET"
+        if problem is None:
+            # Before the relay's runs: a Synapse that is down should not cost them.
+            try:
+                synapse.probe(args.synapse_url, syn_secret)
+            except Exception as exc:
+                problem = f"Synapse at {args.synapse_url}: {exc}"
+        if problem:
+            print(f"bench/run.py: {problem}", file=sys.stderr)
+            return 2
     p = QUICK if args.quick else FULL
     if args.repeats:
         p = Params(**{**p.__dict__, "repeats": args.repeats})
@@ -1033,6 +1100,15 @@ def main(argv: list[str] | None = None) -> int:
                 began = time.monotonic()
                 out["idle"] = scenario_idle(kind, backend, p, log)
                 log(f"  (idle took {time.monotonic() - began:.1f} s)")
+        if args.synapse_url and "fanout" in only:
+            log(f"== synapse {args.synapse_url}")
+            began = time.monotonic()
+            try:
+                res["synapse"] = scenario_synapse(args.synapse_url, syn_secret, p, log)
+            except Exception as exc:  # the other figures stand without Synapse's
+                res["synapse"] = {"url": args.synapse_url, "error": f"{type(exc).__name__}: {exc}"}
+                log(f"  synapse failed: {res['synapse']['error']}")
+            log(f"  (synapse took {time.monotonic() - began:.1f} s)")
         if "protocol" in only:
             res["protocol"] = scenario_protocol(p, log)
     finally:
@@ -1040,9 +1116,10 @@ def main(argv: list[str] | None = None) -> int:
         scratch.cleanup()
     elapsed = time.monotonic() - started
     rows = build_rows(res, p) if only >= {"fanout", "rooms", "idle", "catchup", "e2e"} else []
-    if not rows and "protocol" in res:
-        rows = build_rows({"backends": [], "baseline": {}, "protocol": res["protocol"]}, p)
-    cmd = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if not rows:
+        partial = {k: res[k] for k in ("baseline", "protocol", "synapse") if k in res}
+        rows = build_rows({"backends": [], "baseline": {}, **partial}, p)
+    cmd = "python bench/run.py " + " ".join(_redacted(argv if argv is not None else sys.argv[1:]))
     print()
     print(render(rows))
     print(
@@ -1070,7 +1147,21 @@ def main(argv: list[str] | None = None) -> int:
                 default=str,
             )
         )
-    return 0
+    return 1 if "error" in res.get("synapse", {}) else 0
+
+
+def _redacted(words: list[str]) -> list[str]:
+    """The command line as recorded in the JSON, without the Synapse secret."""
+    out = list(words)
+    for i, word in enumerate(out):
+        flag, eq, _ = word.partition("=")
+        # argparse takes any unambiguous prefix of the option, so match those too
+        if len(flag) >= len("--synapse-s") and "--synapse-secret".startswith(flag):
+            if eq:
+                out[i] = f"{flag}=***"
+            elif i + 1 < len(out):
+                out[i + 1] = "***"
+    return out
 
 
 if __name__ == "__main__":
