@@ -117,9 +117,9 @@ def make_direct_writer(engine: AsyncEngine) -> Engine | None:
     timeout = getattr(engine.sync_engine, "backchannel_busy_timeout", 30.0)
     direct = create_engine(
         url.set(drivername="sqlite+pysqlite"),
-        # One thread uses it (Batcher's executor); disposal may come from another.
+        # Each connection is used by one thread (the batcher's writer, or the
+        # catch-up reader); disposal may come from another.
         connect_args={"timeout": timeout, "check_same_thread": False},
-        # A connection per thread: the batcher's writer and the catch-up reader.
         poolclass=SingletonThreadPool,
         pool_size=2,
     )
