@@ -10,6 +10,7 @@ update per room, one multi-row insert; each message still gets its own answer.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -191,13 +192,7 @@ class MessageStore(BaseStore):
             sizes = (await session.execute(query.order_by(RoomMessage.seq).limit(limit))).all()
             if not sizes:
                 return [], False
-            total, last, cut = 0, sizes[0][0], False
-            for seq, size in sizes:
-                total += size or 0
-                if total > max_bytes and seq != sizes[0][0]:
-                    cut = True
-                    break
-                last = seq
+            last, cut = _page_end(sizes, max_bytes)
             rows = await session.execute(
                 select(RoomMessage.seq, RoomMessage.data, RoomMessage.created_at)
                 .where(
@@ -209,6 +204,17 @@ class MessageStore(BaseStore):
             )
             page = [StoredMessage(r.seq, r.data, r.created_at) for r in rows]
             return page, cut or len(sizes) == limit
+
+
+def _page_end(sizes: Sequence[Any], max_bytes: int) -> tuple[int, bool]:
+    """The last ``seq`` of a page of these (seq, size) rows within ``max_bytes``
+    (always at least the first), and whether the page was cut short by it."""
+    total = 0
+    for i, (_seq, size) in enumerate(sizes):
+        total += size or 0
+        if total > max_bytes and i > 0:
+            return sizes[i - 1][0], True
+    return sizes[-1][0], False
 
 
 def _page_sqlite(
@@ -224,13 +230,7 @@ def _page_sqlite(
     ).fetchall()
     if not sizes:
         return [], False
-    total, last, cut = 0, sizes[0][0], False
-    for seq, size in sizes:
-        total += size or 0
-        if total > max_bytes and seq != sizes[0][0]:
-            cut = True
-            break
-        last = seq
+    last, cut = _page_end(sizes, max_bytes)
     rows = db.execute(
         "SELECT seq, data, created_at FROM room_messages WHERE room_id = ? AND seq > ? "
         "AND seq <= ? ORDER BY seq",
