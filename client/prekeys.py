@@ -21,6 +21,7 @@ from backchannel.protocol.keys import (
 )
 
 from .context import Context
+from .outbox import TRANSIENT
 from .records import CounterRecord, PrekeyRecord, Table
 from .relay import RelayError
 from .room import Room
@@ -135,5 +136,8 @@ class Prekeys:
                 )
         except RelayError as exc:
             # Sessions still open without one-time prekeys (the last-resort KEM
-            # prekey and the signed prekey remain); try again next time.
-            self.transcript.warn(room, f"could not top up prekeys ({exc.code})")
+            # prekey and the signed prekey remain); try again next time. A link
+            # that dropped or a busy relay is not worth a line in the transcript:
+            # the next connection tops up as well.
+            if exc.code not in TRANSIENT:
+                self.transcript.warn(room, f"could not top up prekeys ({exc.code})")
