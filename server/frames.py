@@ -9,10 +9,9 @@ unknown version is ``unsupported_version``; a frame over the size limit is
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Final
-
-import cbor2
 
 from backchannel.protocol import errors as perr
 from backchannel.protocol.encoding import Reader, Value, decode, encode
@@ -186,13 +185,58 @@ def server_frame(kind: str, **fields: Value) -> bytes:
     return encode(out)
 
 
+_B = struct.Struct(">BB").pack
+_H = struct.Struct(">BH").pack
+_I = struct.Struct(">BI").pack
+_Q = struct.Struct(">BQ").pack
+_TINY: Final = {major: [bytes((major | n,)) for n in range(24)] for major in (0, 0x40)}
+
+
+def _head(major: int, n: int) -> bytes:
+    """A CBOR item head (RFC 8949 §3): major type and argument, shortest form."""
+    if n < 24:
+        return _TINY[major][n]
+    if n < 0x100:
+        return _B(major | 24, n)
+    if n < 0x10000:
+        return _H(major | 25, n)
+    if n < 0x100000000:
+        return _I(major | 26, n)
+    return _Q(major | 27, n)
+
+
+# The map's keys in canonical order (shorter encodings first, then bytewise):
+# t, v, ts, seq, data, room. The first two entries never change.
+_MSG_START: Final = b"\xa6\x61t\x63msg\x61v" + _head(0, FRAME_VERSION) + b"\x62ts"
+_SEQ: Final = b"\x63seq"
+_DATA: Final = b"\x64data"
+_ROOM: Final = b"\x64room"
+
+
 def msg_frame(room: bytes, seq: int, data: bytes, ts: int) -> bytes:
     """``server_frame("msg", ...)``, byte for byte, for the hot path: the fields'
-    types are fixed here, so the data-model walk ``encode`` makes is not needed."""
+    types are fixed here, so the frame is laid out directly rather than walked
+    (fan-out and catch-up make one per message; ``tests/server/test_msg_frame.py``
+    checks the bytes against the general encoder)."""
     if not (isinstance(room, bytes) and isinstance(data, bytes)):
         raise TypeError("room and data are bytes")
-    fields = {"data": data, "room": room, "seq": int(seq), "t": "msg", "ts": int(ts)}
-    return bytes(cbor2.dumps({**fields, "v": FRAME_VERSION}, canonical=True))
+    seq, ts = int(seq), int(ts)
+    if seq < 0 or ts < 0 or seq >= 1 << 64 or ts >= 1 << 64:
+        raise ValueError("seq and ts are unsigned 64-bit integers")
+    return b"".join(
+        (
+            _MSG_START,
+            _head(0, ts),
+            _SEQ,
+            _head(0, seq),
+            _DATA,
+            _head(0x40, len(data)),
+            data,
+            _ROOM,
+            _head(0x40, len(room)),
+            room,
+        )
+    )
 
 
 def error_frame(code: str, detail: str, ref: str | bytes | None = None) -> bytes:

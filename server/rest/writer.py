@@ -11,14 +11,16 @@ The live path is kept short. A message's frame is encoded once for all its
 subscribers (:class:`~..handlers.hub.Notify`). When a connection's writer is
 idle, a next-in-order message is written to its socket there and then, by the
 code that published it, with no task woken per subscriber (:meth:`Writer.offer_now`).
-Otherwise the writer takes everything waiting in its outbox at once and
-writes the frames that need no database in one socket write.
+Otherwise it waits in the outbox, and a writer task (started then, gone once
+the outbox is empty) takes everything waiting at once and writes the frames
+that need no database in one socket write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .. import frames as F
@@ -64,12 +66,32 @@ def item_size(item: OutItem) -> int:
 class Writer:
     """Drains a connection's bounded outbox onto its socket (mixed into ``Connection``)."""
 
+    __slots__ = (
+        "closing",
+        "delivered",
+        "hub",
+        "keys",
+        "metrics",
+        "outbox",
+        "pending",
+        "settings",
+        "space",
+        "store",
+        "subs",
+        "wire",
+        "write_started",
+        "writer",
+        "ws",
+    )
+
     ws: WebSocket
     settings: Settings
     store: Store
     hub: Hub
     metrics: Metrics
-    outbox: asyncio.Queue[OutItem]
+    outbox: deque[OutItem] | None
+    #: Draining the outbox; ``None`` when nothing is queued or being written.
+    writer: asyncio.Task[None] | None
     keys: set[bytes]
     subs: dict[bytes, Subscription]
     delivered: dict[bytes, set[int]]
@@ -77,11 +99,45 @@ class Writer:
     write_started: float | None
     #: The protocol under this connection, written to directly (see wsproto.WIRE).
     wire: BoundedWebSocketProtocol | None
-    #: The writer waits for its outbox with nothing in hand.
-    idle: bool
+    #: Bytes in the outbox, not yet taken by the socket.
+    pending: int
+    #: Set when the outbox has room again, for a reply waiting in ``put`` (made only then).
+    space: asyncio.Event | None
+
+    def _queue(self, item: OutItem, size: int) -> None:
+        if self.outbox is None:
+            self.outbox = deque()
+        self.outbox.append(item)
+        self.pending += size
+        if self.writer is None:
+            self.writer = asyncio.create_task(self._write_loop())
+
+    def _has_room(self) -> bool:
+        return (
+            self.pending <= self.settings.max_pending_bytes // 2
+            and len(self.outbox or ()) < self.settings.send_queue_depth
+        )
 
     def _taken(self, item: OutItem) -> None:
-        raise NotImplementedError
+        self.pending -= item_size(item)
+        if self.space is not None and self._has_room():
+            self.space.set()
+
+    async def put(self, item: OutItem) -> None:
+        """Queue a reply to this connection's own request. It waits when the
+        outbox is full (in items or bytes): a client that does not read its
+        answers slows only itself, and stops being read (``offer`` is for what
+        other connections cause)."""
+        while not self.closing and not self._has_room():
+            if self.space is None:
+                self.space = asyncio.Event()
+            self.space.clear()
+            await self.space.wait()
+        if self.closing:
+            return
+        if isinstance(item, Frame) and self.write_now(item.data):
+            return
+        self._queue(item, item_size(item))
 
     def _spawn(self, coro: Any) -> None:
         raise NotImplementedError
@@ -97,20 +153,28 @@ class Writer:
         self.write_started = None
         self.metrics.bytes_out.inc(len(data))
 
-    def offer_now(self, item: Notify) -> bool:
-        """Write ``item`` at once if nothing is ahead of it; ``False`` to queue it.
+    def _clear(self) -> BoundedWebSocketProtocol | None:
+        """The protocol, if a frame may be written to it at once: no writer at
+        work, so nothing queued or in flight ahead of it, and the socket taking
+        data. Writing then keeps the order a queued item would have had."""
+        wire = self.wire
+        if wire is None or self.writer is not None or self.outbox or not wire.writable.is_set():
+            return None
+        return wire
 
-        Only when the writer is idle, its outbox empty and the socket taking
-        data: then nothing can be in flight before this frame, so writing it
-        here keeps the order a queued item would have had."""
-        wire, sub, msg = self.wire, item.sub, item.msg
-        if (
-            wire is None
-            or not self.idle
-            or not item.frame
-            or not self.outbox.empty()
-            or not wire.writable.is_set()
-        ):
+    def write_now(self, data: bytes) -> bool:
+        """Write ``data`` at once if nothing is ahead of it; ``False`` to queue it."""
+        wire = self._clear()
+        if wire is None or not wire.write_messages([data]):
+            return False
+        self.metrics.bytes_out.inc(len(data))
+        return True
+
+    def offer_now(self, item: Notify) -> bool:
+        """Write ``item`` at once if nothing is ahead of it; ``False`` to queue it."""
+        sub, msg = item.sub, item.msg
+        wire = self._clear() if item.frame else None
+        if wire is None:
             return False
         if not sub.active or sub.key is None or msg.seq < sub.next_seq:
             return True  # nothing to send: what a queued item would have come to
@@ -123,21 +187,15 @@ class Writer:
         return True
 
     async def _write_loop(self) -> None:
+        outbox = self.outbox
+        assert outbox is not None  # made before the writer is started
         try:
-            while True:
-                self.idle = True
-                try:
-                    batch = [await self.outbox.get()]
-                finally:
-                    self.idle = False
+            while outbox:
+                batch = [outbox.popleft()]
                 if self.wire is not None:
                     size = item_size(batch[0])
-                    while (
-                        not self.outbox.empty()
-                        and len(batch) < WRITE_BATCH
-                        and size < WRITE_BATCH_BYTES
-                    ):
-                        batch.append(self.outbox.get_nowait())
+                    while outbox and len(batch) < WRITE_BATCH and size < WRITE_BATCH_BYTES:
+                        batch.append(outbox.popleft())
                         size += item_size(batch[-1])
                 try:
                     if len(batch) == 1:
@@ -147,7 +205,9 @@ class Writer:
                 finally:
                     for item in batch:
                         self._taken(item)
-                        self.outbox.task_done()
+            # Empty: no await between that test and this, so whatever is queued
+            # next finds no writer and starts one (and a new outbox).
+            self.writer = self.outbox = None
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -1,8 +1,11 @@
 """A WebSocket connection to ``/v1/ws``: authenticate, subscribe, send, receive, acknowledge.
 
-Each connection runs two tasks: the reader (:meth:`Connection.run`) parses
-frames and acts, and the writer (:mod:`.writer`) drains the connection's
-bounded outbox, where delivery order is decided. Whatever a frame asks for is
+Each connection runs one task, the reader (:meth:`Connection.run`), which parses
+frames and acts. What goes to the client is written at once when nothing is
+ahead of it; otherwise it waits in the connection's bounded outbox, and a
+writer task (:mod:`.writer`), started only then and gone once the outbox is
+empty, drains it in order. An idle connection so holds one task and no queue
+machinery (issue 14: memory per idle connection). Whatever a frame asks for is
 bounded before it is done: frames and decoding time per connection (past the
 budget the reader pauses, so TCP slows the sender), sends per connection and
 per key, writes in flight, acknowledgements coalesced into one write at a time,
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -64,6 +68,34 @@ class _Closing(Exception):
 
 
 class Connection(Writer):
+    # Slots: thousands of these are alive at once, most of them idle.
+    __slots__ = (
+        "__weakref__",
+        "aborted",
+        "acking",
+        "acks",
+        "address",
+        "auth_frame_bytes",
+        "auths",
+        "bucket",
+        "cpu",
+        "cpu_throttled",
+        "fanout",
+        "frames",
+        "inflight",
+        "key_buckets",
+        "limiter",
+        "nonce",
+        "origin",
+        "reader",
+        "settled",
+        "stranger_cpu",
+        "tasks",
+        "throttled",
+        "unsettled",
+        "unsettled_since",
+    )
+
     def __init__(
         self,
         ws: WebSocket,
@@ -85,7 +117,8 @@ class Connection(Writer):
         self.fanout = fanout
         self.metrics = metrics
         self.origin = settings.origin()
-        self.outbox: asyncio.Queue[OutItem] = asyncio.Queue(settings.send_queue_depth)
+        #: Made when something first has to wait (most idle connections never do).
+        self.outbox: deque[OutItem] | None = None
         self.keys: set[bytes] = set()
         self.subs: dict[bytes, Subscription] = {}
         self.delivered: dict[bytes, set[int]] = {}  # recipient key -> mailbox ids sent
@@ -109,8 +142,9 @@ class Connection(Writer):
         self.write_started: float | None = None
         #: Bytes in the outbox, not yet taken by the socket.
         self.pending = 0
-        self.drained = asyncio.Event()
-        self.drained.set()
+        #: Set when the outbox has room again, for a reply waiting in ``put``
+        #: (made only then).
+        self.space: asyncio.Event | None = None
         self.inflight = 0
         self.acks: set[int] = set()
         self.acking = False
@@ -120,13 +154,13 @@ class Connection(Writer):
         self.unsettled: dict[Connection, None] = {}
         self.auth_frame_bytes = 512 + 128 * settings.max_keys_per_connection
         self.nonce = P.random_bytes(F.NONCE_SIZE)
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks: set[asyncio.Task[Any]] | None = None
+        #: The writer task, while there is something in the outbox (or being written).
         self.writer: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[Any] | None = None
         self.closing = False
         self.aborted = False
         self.wire = ws.scope.get("extensions", {}).get(WIRE)
-        self.idle = False
 
     # --- outbox -----------------------------------------------------------------------------
 
@@ -136,15 +170,13 @@ class Connection(Writer):
         if isinstance(item, Notify) and self.offer_now(item):
             return
         size = item_size(item)
-        if self.pending + size > self.settings.max_pending_bytes:
+        if (
+            self.pending + size > self.settings.max_pending_bytes
+            or len(self.outbox or ()) >= self.settings.send_queue_depth
+        ):
             self.too_slow()
             return
-        try:
-            self.outbox.put_nowait(item)
-        except asyncio.QueueFull:
-            self.too_slow()
-            return
-        self._count(size)
+        self._queue(item, size)
 
     def too_slow(self) -> None:
         if self.closing:
@@ -153,27 +185,6 @@ class Connection(Writer):
         self.hub.forget(self, self.keys, list(self.subs.values()))
         log.info("ws.too_slow")
         self._spawn(self._abort("too_slow", "the connection does not keep up"))
-
-    def _count(self, size: int) -> None:
-        self.pending += size
-        if self.pending > self.settings.max_pending_bytes // 2:
-            self.drained.clear()
-
-    def _taken(self, item: OutItem) -> None:
-        self.pending -= item_size(item)
-        if self.pending <= self.settings.max_pending_bytes // 2:
-            self.drained.set()
-
-    async def put(self, item: OutItem) -> None:
-        """Queue a reply to this connection's own request. It waits when the
-        outbox is full (in items or bytes): a client that does not read its
-        answers slows only itself, and stops being read (``offer`` is for what
-        other connections cause)."""
-        while not self.closing and not self.drained.is_set():
-            await self.drained.wait()
-        if not self.closing:
-            await self.outbox.put(item)
-            self._count(item_size(item))
 
     async def send(self, data: bytes) -> None:
         await self.put(Frame(data))
@@ -200,6 +211,8 @@ class Connection(Writer):
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
+        if self.tasks is None:
+            self.tasks = set()
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -208,7 +221,6 @@ class Connection(Writer):
     async def run(self) -> None:
         self.reader = asyncio.current_task()
         await self._out(F.server_frame("challenge", nonce=self.nonce, origin=self.origin))
-        self.writer = asyncio.create_task(self._write_loop())
         try:
             await self._authenticate()
             while not self.closing:
@@ -222,11 +234,12 @@ class Connection(Writer):
                 raise
         finally:
             self.closing = True
-            self.drained.set()
+            if self.space is not None:
+                self.space.set()
             self.hub.forget(self, self.keys, list(self.subs.values()))
             if self.writer is not None:
                 self.writer.cancel()
-            for task in list(self.tasks):
+            for task in list(self.tasks or ()):
                 task.cancel()
 
     # --- budgets ----------------------------------------------------------------------------
@@ -271,8 +284,9 @@ class Connection(Writer):
 
     async def _drain_then_close(self, code: int) -> None:
         # Let the writer flush the error frame that explains the close.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.outbox.join(), 1.0)
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait({self.writer}, timeout=1.0)
         with contextlib.suppress(Exception):
             await self.ws.close(code)
 

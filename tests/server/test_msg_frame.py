@@ -29,3 +29,18 @@ def test_msg_frame_refuses_what_is_not_bytes() -> None:
         F.msg_frame("room", 1, b"x", 0)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         F.msg_frame(b"room", 1, bytearray(b"x"), 0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("size", [23, 24, 255, 256, 65535, 65536, 70_000])
+@pytest.mark.parametrize("number", [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1])
+def test_msg_frame_at_every_length_boundary(size: int, number: int) -> None:
+    data, room = b"\x01" * size, b"\x02" * 32
+    fast = F.msg_frame(room, number, data, number)
+    assert fast == F.server_frame("msg", room=room, seq=number, data=data, ts=number)
+
+
+def test_msg_frame_refuses_what_cbor_cannot_hold_unsigned() -> None:
+    with pytest.raises(ValueError, match="unsigned"):
+        F.msg_frame(b"room", -1, b"x", 0)
+    with pytest.raises(ValueError, match="unsigned"):
+        F.msg_frame(b"room", 1, b"x", 2**64)

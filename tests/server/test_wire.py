@@ -16,7 +16,7 @@ from backchannel.server.cli import uvicorn_config
 from backchannel.server.config import Settings
 
 from .conftest import RelayFactory
-from .helpers import TestRoom, WSClient
+from .helpers import RelayServer, TestRoom, WSClient
 
 COUNT = 1200
 SIZE = 4096
@@ -91,4 +91,46 @@ async def test_every_write_path_keeps_order_and_bytes(relay_factory: RelayFactor
     assert slow_got == expected
     await fast.nothing("msg", wait=0.2)
     for client in (fast, slow, sender):
+        await client.ws.close()
+
+
+async def test_an_idle_connection_keeps_no_writer_no_outbox_and_no_handshake(
+    relay: RelayServer,
+) -> None:
+    """What an idle connection holds (bench: RSS per idle connection): its reader
+    task and little else. Writers and outboxes exist while something waits to be
+    written, and the handshake's request and headers are let go once answered."""
+    async with httpx.AsyncClient(base_url=relay.url, timeout=10) as http:
+        room = await TestRoom.create(http)
+        member = await room.add_member()
+    reader = await WSClient.connect(relay, [member])
+    await reader.send_frame("sub", room=room.id, after=0)
+    await reader.expect("synced", room=room.id)
+    sender = await WSClient.connect(relay, [room.facilitator])
+    for i in range(40):
+        await sender.send_msg(room.id, room.facilitator, b"%d" % i)
+    for _ in range(40):
+        await reader.expect("msg", room=room.id)
+
+    conns = list(relay.app.state.connections)
+    assert len(conns) == 2
+    for _ in range(200):
+        if all(c.writer is None and c.outbox is None for c in conns):
+            break
+        await asyncio.sleep(0.01)
+    for conn in conns:
+        assert conn.writer is None, "a writer task outlived its outbox"
+        assert conn.outbox is None
+        assert conn.space is None
+        assert conn.tasks is None or not conn.tasks
+        assert conn.wire is not None
+        assert conn.wire.request is None and conn.wire.response is None
+        assert conn.ws.scope["headers"] == []
+        assert not hasattr(conn, "__dict__"), "Connection lost its __slots__"
+
+    # Still a working connection: what comes next is delivered, in order.
+    await sender.send_msg(room.id, room.facilitator, b"after")
+    msg = await reader.expect("msg", room=room.id)
+    assert msg["seq"] == 41
+    for client in (reader, sender):
         await client.ws.close()
