@@ -127,7 +127,8 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         if message["type"] == "websocket.accept" and self.handshake_complete:
             # The request is emptied rather than only dropped: the websockets
             # parser's frame keeps it alive for as long as the connection lasts.
-            self.request.headers.clear()
+            if self.request is not None:
+                self.request.headers.clear()
             self.request = self.response = None  # type: ignore[assignment]
             self.scope["headers"] = []
 
