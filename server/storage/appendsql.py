@@ -1,9 +1,10 @@
 """The statements of a batch of room messages, for each kind of database connection.
 
 :meth:`.messages.MessageStore._append_sync` decides what happens to each
-message; the few statements it needs are here, twice: once as SQLAlchemy Core
-(PostgreSQL, and SQLite through the async driver) and once as plain SQL on the
-``sqlite3`` connection itself, which is how the batcher's own thread runs them
+message; the few statements it needs are here, three times: as SQLAlchemy Core
+(through the async drivers, where no direct writer is available), as plain SQL
+on the ``sqlite3`` connection itself, and as two whole-batch statements on
+psycopg, which is how the batcher's own thread runs them
 (:func:`.engine.make_direct_writer`). On that thread the Python work of a batch
 holds the GIL against the event loop, so it is kept to the driver's own calls.
 
@@ -11,15 +12,18 @@ Every lookup goes through an index, whatever the size of the table: a batch
 costs the same with ten messages stored or ten million. On SQLite the keys are
 a ``VALUES`` list joined (as the outer loop) to the table's unique index;
 SQLite answers ``(a, b) IN (VALUES …)`` with a scan of the whole table.
+On PostgreSQL the keys are arrays, unnested and joined the same way.
 ``tests/server/test_append_plan.py`` checks the plans on both databases.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
+import psycopg
 from sqlalchemy import BigInteger, Connection, bindparam, insert, select, tuple_, update
 
 from .models import Room, RoomMember, RoomMessage
@@ -31,13 +35,28 @@ CHUNK = 200
 Original = tuple[bytes, bytes, bytes, int, int]
 #: (room_id, seq, sender, client_id, data, created_at) of a message to store.
 NewRow = tuple[bytes, int, bytes, bytes, bytes, int]
+#: (room_id, sender, client_id, data) of a message of the batch.
+Item = tuple[bytes, bytes, bytes, bytes]
+Role = tuple[bytes, bytes, str]
+
+#: What became of an item: (kind, seq, created_at), the last two for OLD and NEW.
+Verdict = tuple[int, int, int]
+OLD = 0  #: stored before, under this key: the original's seq and time
+NEW = 1  #: numbered and stored now
+NOT_MEMBER = 2
+OBSERVER = 3
+FULL = 4  #: its room's quota cannot take the room's whole batch: to be taken one by one
 
 
 class AppendRows(Protocol):
-    def originals(self, keys: Sequence[tuple[bytes, bytes, bytes]]) -> Iterable[Original]: ...
+    def judge(self, items: Sequence[Item], limit: int, ts: int) -> list[Verdict]:
+        """What becomes of each of ``items`` (no two with the same key): stored
+        before, refused, or numbered and stored now at ``ts``, room by room in
+        id order, where the room's quota (``limit``) takes all of its items."""
+        ...
 
-    def roles(self, pairs: Sequence[tuple[bytes, bytes]]) -> Iterable[tuple[bytes, bytes, str]]:
-        """(room_id, member, role) of each pair that is a current member."""
+    def atomic(self) -> contextlib.AbstractContextManager[object]:
+        """A transaction for the statements in it, where each does not already run in one."""
         ...
 
     def number(self, room: bytes, count: int, total: int, limit: int | None) -> int | None:
@@ -45,7 +64,9 @@ class AppendRows(Protocol):
         ``last_seq``, or ``None`` if that would pass ``limit`` (or no such room)."""
         ...
 
-    def stored_bytes(self, room: bytes) -> int | None: ...
+    def stored_bytes(self, room: bytes) -> int | None:
+        """The room's stored bytes, its row locked until the transaction ends."""
+        ...
 
     def insert(self, rows: list[NewRow]) -> None: ...
 
@@ -55,6 +76,8 @@ def rows_for(conn: Connection) -> AppendRows:
     driver = conn.connection.driver_connection
     if isinstance(driver, sqlite3.Connection):
         return SqliteRows(driver)
+    if isinstance(driver, psycopg.Connection):
+        return PgRows(conn)
     return CoreRows(conn)
 
 
@@ -63,7 +86,62 @@ def _placeholders(width: int, count: int) -> str:
     return ", ".join([one] * count)
 
 
-class SqliteRows:
+class _Composed:
+    """:meth:`AppendRows.judge` from a few statements, for a connection already in
+    the batch's transaction."""
+
+    def originals(self, keys: Sequence[tuple[bytes, bytes, bytes]]) -> Iterable[Original]:
+        raise NotImplementedError
+
+    def roles(self, pairs: Sequence[tuple[bytes, bytes]]) -> Iterable[Role]:
+        raise NotImplementedError
+
+    def number(self, room: bytes, count: int, total: int, limit: int | None) -> int | None:
+        raise NotImplementedError
+
+    def insert(self, rows: list[NewRow]) -> None:
+        raise NotImplementedError
+
+    def judge(self, items: Sequence[Item], limit: int, ts: int) -> list[Verdict]:
+        keys = sorted({item[:3] for item in items})
+        pairs = sorted({item[:2] for item in items})
+        original: dict[tuple[bytes, bytes, bytes], tuple[int, int]] = {}
+        for i in range(0, len(keys), CHUNK):
+            for room, sender, cid, seq, created in self.originals(keys[i : i + CHUNK]):
+                original[room, sender, cid] = (seq, created)
+        roles: dict[tuple[bytes, bytes], str] = {}
+        for i in range(0, len(pairs), CHUNK):
+            roles.update({(r, m): role for r, m, role in self.roles(pairs[i : i + CHUNK])})
+        out: list[Verdict] = [(FULL, 0, 0)] * len(items)
+        by_room: dict[bytes, list[int]] = {}
+        for i, (room, sender, cid, _data) in enumerate(items):
+            if (found := original.get((room, sender, cid))) is not None:
+                out[i] = (OLD, *found)
+            elif (role := roles.get((room, sender))) is None:
+                out[i] = (NOT_MEMBER, 0, 0)
+            elif role == "observer":
+                out[i] = (OBSERVER, 0, 0)
+            else:
+                by_room.setdefault(room, []).append(i)
+        rows: list[NewRow] = []
+        for room in sorted(by_room):
+            mine = by_room[room]
+            last = self.number(room, len(mine), sum(len(items[i][3]) for i in mine), limit)
+            if last is None:
+                continue  # FULL, as preset
+            for seq, i in enumerate(mine, last - len(mine) + 1):
+                out[i] = (NEW, seq, ts)
+                _room, sender, cid, data = items[i]
+                rows.append((room, seq, sender, cid, data, ts))
+        if rows:
+            self.insert(rows)
+        return out
+
+    def atomic(self) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext()
+
+
+class SqliteRows(_Composed):
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 
@@ -144,7 +222,7 @@ _INSERT = insert(RoomMessage)
 _COLUMNS = ("room_id", "seq", "sender", "client_id", "data", "created_at")
 
 
-class CoreRows:
+class CoreRows(_Composed):
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
@@ -170,3 +248,118 @@ class CoreRows:
 
     def insert(self, rows: list[NewRow]) -> None:
         self.conn.execute(_INSERT, [dict(zip(_COLUMNS, row, strict=True)) for row in rows])
+
+
+# PostgreSQL, on psycopg in autocommit (the batcher's own thread): the whole
+# batch is one statement, so one round trip to the server (each is a wait for
+# another process's turn on a busy machine) and one transaction, on disk before
+# the server answers. Arrays are bound whole (unnest), so the text is the same
+# for every batch and needs no chunking. The decisions are those of
+# _Composed.judge: ``locked`` takes the rooms' row locks in id order (two
+# instances' batches cannot deadlock), and a room whose quota cannot take its
+# whole batch is left untouched (no ``numbered`` row: FULL).
+PG_JUDGE = """
+WITH k AS (
+    SELECT * FROM unnest(%(rooms)s::bytea[], %(senders)s::bytea[], %(cids)s::bytea[],
+        %(datas)s::bytea[]) WITH ORDINALITY AS k(room_id, sender, client_id, data, ord)
+), judged AS (
+    SELECT k.ord, k.room_id, m.seq AS old_seq, m.created_at AS old_ts, r.role
+    FROM k
+    LEFT JOIN room_messages AS m
+        ON m.room_id = k.room_id AND m.sender = k.sender AND m.client_id = k.client_id
+    LEFT JOIN room_members AS r
+        ON r.room_id = k.room_id AND r.member = k.sender AND r.left_pos IS NULL
+), eligible AS (
+    SELECT k.*, row_number() OVER (PARTITION BY k.room_id ORDER BY k.ord) AS rank
+    FROM k JOIN judged AS j ON j.ord = k.ord
+    WHERE j.old_seq IS NULL AND j.role IS NOT NULL AND j.role <> 'observer'
+), wanted AS (
+    SELECT room_id AS id, count(*) AS n, sum(length(data)) AS total
+    FROM eligible GROUP BY room_id
+), locked AS (
+    SELECT id FROM rooms WHERE id IN (SELECT id FROM wanted) ORDER BY id FOR UPDATE
+), numbered AS (
+    UPDATE rooms SET last_seq = rooms.last_seq + wanted.n,
+        stored_bytes = rooms.stored_bytes + wanted.total
+    FROM wanted JOIN locked ON locked.id = wanted.id
+    WHERE rooms.id = wanted.id AND rooms.stored_bytes + wanted.total <= %(limit)s::bigint
+    RETURNING rooms.id, rooms.last_seq - wanted.n AS base
+), stored AS (
+    INSERT INTO room_messages (room_id, seq, sender, client_id, data, created_at)
+    SELECT e.room_id, n.base + e.rank, e.sender, e.client_id, e.data, %(ts)s
+    FROM eligible AS e JOIN numbered AS n ON n.id = e.room_id
+)
+SELECT j.old_seq, j.old_ts, j.role, n.base + e.rank
+FROM judged AS j
+LEFT JOIN eligible AS e ON e.ord = j.ord
+LEFT JOIN numbered AS n ON n.id = e.room_id
+ORDER BY j.ord
+"""
+
+
+class PgRows:
+    """The batch on psycopg in autocommit (see make_direct_writer): :meth:`judge`
+    is one statement, and the rare room near its quota gets the message-by-message
+    path in a transaction of its own. The statements
+    go through SQLAlchemy's connection as they are, so that a lost connection is
+    noticed by its pool."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def _run(self, sql: str, params: Any) -> list[Any]:
+        return list(self.conn.exec_driver_sql(sql, params))
+
+    def judge(self, items: Sequence[Item], limit: int, ts: int) -> list[Verdict]:
+        params = {
+            "rooms": [item[0] for item in items],
+            "senders": [item[1] for item in items],
+            "cids": [item[2] for item in items],
+            "datas": [item[3] for item in items],
+            "limit": limit,
+            "ts": ts,
+        }
+        out: list[Verdict] = []
+        for old_seq, old_ts, role, seq in self._run(PG_JUDGE, params):
+            if old_seq is not None:
+                out.append((OLD, old_seq, old_ts))
+            elif role is None:
+                out.append((NOT_MEMBER, 0, 0))
+            elif role == "observer":
+                out.append((OBSERVER, 0, 0))
+            elif seq is not None:
+                out.append((NEW, int(seq), ts))
+            else:
+                out.append((FULL, 0, 0))
+        return out
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[object]:
+        self.conn.exec_driver_sql("BEGIN")
+        try:
+            yield self
+        except BaseException:
+            self.conn.exec_driver_sql("ROLLBACK")
+            raise
+        self.conn.exec_driver_sql("COMMIT")
+
+    def number(self, room: bytes, count: int, total: int, limit: int | None) -> int | None:
+        rows = self._run(
+            "UPDATE rooms SET last_seq = last_seq + %(count)s, "
+            "stored_bytes = stored_bytes + %(total)s "
+            "WHERE id = %(room)s AND (%(limit)s::bigint IS NULL "
+            "OR stored_bytes + %(total)s <= %(limit)s::bigint) RETURNING last_seq",
+            {"room": room, "count": count, "total": total, "limit": limit},
+        )
+        return int(rows[0][0]) if rows else None
+
+    def stored_bytes(self, room: bytes) -> int | None:
+        rows = self._run("SELECT stored_bytes FROM rooms WHERE id = %s FOR UPDATE", (room,))
+        return int(rows[0][0]) if rows else None
+
+    def insert(self, rows: list[NewRow]) -> None:
+        self.conn.exec_driver_sql(
+            "INSERT INTO room_messages (room_id, seq, sender, client_id, data, created_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            rows,
+        )

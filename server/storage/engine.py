@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -49,6 +50,7 @@ T = TypeVar("T")
 
 
 SQLITE_BEGIN = "backchannel_sqlite_begin"
+AUTOCOMMIT: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"}
 
 
 def _sqlite_connection_setup(sync_engine: Engine) -> None:
@@ -101,17 +103,32 @@ def make_engine(url: str, *, busy_timeout: float = 30.0) -> AsyncEngine:
 
 
 def make_direct_writer(engine: AsyncEngine) -> Engine | None:
-    """A synchronous engine on the same SQLite file, for writes done in one hop.
+    """A synchronous engine on the same database, for writes done in one hop.
 
-    Through aiosqlite every statement, ``BEGIN`` and ``COMMIT`` is a round trip
-    between the event loop and the driver's thread; on a loaded two-core machine
-    each costs about a millisecond, so a commit of one message took 5 to 20 ms
-    although SQLite and the fsync needed well under one. A batch of room messages
-    is instead run whole, transaction included, on one thread of ours: one hop
-    there and one back. Same file, same pragmas, same busy timeout, same
-    ``BEGIN IMMEDIATE``; ``None`` for PostgreSQL and for an in-memory database
-    (which a second engine could not see)."""
+    Through an async driver every statement, ``BEGIN`` and ``COMMIT`` is a
+    round trip through the event loop: on a loaded two-core machine each waits
+    its turn behind the fan-out, so a commit of one message took 5 to 20 ms
+    (SQLite) or 14 to 100 ms (PostgreSQL) although the database and its fsync
+    needed well under one. A batch of room messages is instead run whole,
+    transaction included, on one thread of ours: one hop there and one back,
+    however many statements. On SQLite: same file, same pragmas, same busy
+    timeout, same ``BEGIN IMMEDIATE``. On PostgreSQL: psycopg on the same
+    server, with the async engine's timeouts. ``None`` for an in-memory
+    database (which a second engine could not see) and for a PostgreSQL URL
+    with query options, which are the async driver's and might mean something
+    else, or nothing, to psycopg."""
     url = engine.url
+    if url.get_backend_name() == "postgresql":
+        if url.query:
+            return None
+        return create_engine(
+            url.set(drivername="postgresql+psycopg"),
+            # The batcher's thread and the catch-up reader's: one connection each.
+            pool_size=2,
+            max_overflow=0,
+            pool_timeout=10,
+            connect_args={"connect_timeout": 5, "options": "-c statement_timeout=30000"},
+        )
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return None
     timeout = getattr(engine.sync_engine, "backchannel_busy_timeout", 30.0)
@@ -137,6 +154,8 @@ def unavailable(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError | ConnectionError | TimeoutError | PoolTimeout):
         return True
+    if isinstance(getattr(exc, "orig", exc), psycopg.errors.TransactionRollback):
+        return False  # a deadlock or serialization failure: each write is retried alone
     if isinstance(exc, InterfaceError | OperationalError):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
@@ -257,7 +276,7 @@ class Batcher:
         direct: sessionmaker[Session] | None = None,
     ) -> None:
         self._sessions = sessions
-        #: SQLite: batches of bulk writes run whole on this thread (see make_direct_writer).
+        #: Batches of bulk writes run whole on this thread (see make_direct_writer).
         self._direct = direct
         self._executor = (
             ThreadPoolExecutor(1, thread_name_prefix="group-commit") if direct is not None else None
@@ -372,12 +391,22 @@ class Batcher:
             assert job.bulk is not None
             groups.setdefault(job.bulk, []).append(job)
         loop = asyncio.get_running_loop()
-        try:
-            async with self._lock if self._lock else contextlib.nullcontext():
-                outcomes = await loop.run_in_executor(self._executor, self._run_direct, groups)
-        except Exception as exc:
-            await self._failed(jobs, exc)
-            return
+        retried = False
+        while True:
+            try:
+                async with self._lock if self._lock else contextlib.nullcontext():
+                    outcomes = await loop.run_in_executor(self._executor, self._run_direct, groups)
+                break
+            except Exception as exc:
+                if not retried and isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                    # A pooled connection the server had closed (a restart): once
+                    # more on a new one, rather than a ping before every batch. A
+                    # batch is safe to run twice: what the first run stored comes
+                    # back as stored before.
+                    retried = True
+                    continue
+                await self._failed(jobs, exc)
+                return
         results: list[tuple[_Job, bool, Any]] = []
         for group, found in zip(groups.values(), outcomes, strict=True):
             for job, outcome in zip(group, found, strict=True):
@@ -460,7 +489,12 @@ class BaseStore:
             health=self.health,
             direct=(
                 sessionmaker(
-                    self.direct.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"}),
+                    self.direct.execution_options(
+                        # PostgreSQL: each of the batch's statements is its own
+                        # transaction (see appendsql.PgRows), so none waits on a
+                        # BEGIN or a COMMIT of its own.
+                        **({SQLITE_BEGIN: "IMMEDIATE"} if self.is_sqlite else AUTOCOMMIT)
+                    ),
                     expire_on_commit=False,
                 )
                 if self.direct is not None

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ..errors import RelayError
-from .appendsql import CHUNK, AppendRows, NewRow, rows_for
+from .appendsql import NEW, NOT_MEMBER, OBSERVER, OLD, AppendRows, NewRow, rows_for
 from .engine import BaseStore
 from .models import RoomMessage, coarse
 
@@ -40,6 +40,10 @@ class _Post:
 
 def _key_of(post: _Post) -> tuple[bytes, bytes, bytes]:
     return post.room_id, post.sender, post.client_id
+
+
+def _stored(room_id: bytes, seq: int, post: _Post, ts: int) -> NewRow:
+    return room_id, seq, post.sender, post.client_id, post.data, ts
 
 
 def _not_member() -> RelayError:
@@ -72,55 +76,58 @@ class MessageStore(BaseStore):
         between the event loop and the database thread, and those, not the
         database, bounded the relay's throughput (see :class:`.engine.Batcher`)."""
         db = rows_for(session.connection())
-        keys = [_key_of(p) for p in posts]
-        # A retried client id is answered with the original, before any other check:
-        # the sender may have left since, or the room filled up.
-        original: dict[tuple[bytes, bytes, bytes], tuple[int, int]] = {}
-        unique = sorted(set(keys))
-        for i in range(0, len(unique), CHUNK):
-            for room_id, sender, client_id, seq, created in db.originals(unique[i : i + CHUNK]):
-                original[room_id, sender, client_id] = (seq, created)
-        pairs = sorted({(p.room_id, p.sender) for p in posts if _key_of(p) not in original})
-        roles: dict[tuple[bytes, bytes], str] = {}
-        for i in range(0, len(pairs), CHUNK):
-            roles.update({(r, m): role for r, m, role in db.roles(pairs[i : i + CHUNK])})
-
-        out: list[Any] = [None] * len(posts)
+        # The same send twice in one batch is stored once; the copy is answered
+        # like a retry. A retry is answered with the original before any other
+        # check: the sender may have left since, or the room filled up.
         first_of: dict[tuple[bytes, bytes, bytes], int] = {}
+        unique: list[_Post] = []
         copies: list[tuple[int, int]] = []
-        by_room: dict[bytes, list[int]] = {}
-        for i, (post, key) in enumerate(zip(posts, keys, strict=True)):
-            if key in original:
-                seq, ts = original[key]
-                out[i] = (StoredMessage(seq, b"", ts), False)
-            elif key in first_of:
-                copies.append((i, first_of[key]))  # the same send twice in one batch
-            elif (role := roles.get((post.room_id, post.sender))) is None:
-                out[i] = _not_member()
-            elif role == "observer":
-                out[i] = _observer()
+        slot: list[int] = []
+        for i, post in enumerate(posts):
+            key = _key_of(post)
+            if key in first_of:
+                copies.append((i, first_of[key]))
+                slot.append(-1)
             else:
                 first_of[key] = i
-                by_room.setdefault(post.room_id, []).append(i)
-
+                slot.append(len(unique))
+                unique.append(post)
         ts = coarse(self.clock())
-        rows_in: list[NewRow] = []
-        # Rooms in a fixed order: two instances' batches then lock their rows in the
-        # same order and cannot deadlock on PostgreSQL.
-        for room_id in sorted(by_room):
-            taken = self._number(db, room_id, [posts[i] for i in by_room[room_id]])
-            for i, seq in zip(by_room[room_id], taken, strict=True):
-                post = posts[i]
-                if isinstance(seq, RelayError):
-                    out[i] = seq
-                    continue
-                out[i] = (StoredMessage(seq, post.data, ts), True)
-                rows_in.append((room_id, seq, post.sender, post.client_id, post.data, ts))
-        if rows_in:
-            db.insert(rows_in)
+        items = [(p.room_id, p.sender, p.client_id, p.data) for p in unique]
+        verdicts = db.judge(items, self.quotas.max_room_bytes, ts)
+
+        done: list[Any] = [None] * len(unique)
+        full: dict[bytes, list[int]] = {}
+        for j, (kind, seq, created) in enumerate(verdicts):
+            if kind == NEW:
+                done[j] = (StoredMessage(seq, unique[j].data, created), True)
+            elif kind == OLD:
+                done[j] = (StoredMessage(seq, b"", created), False)
+            elif kind == NOT_MEMBER:
+                done[j] = _not_member()
+            elif kind == OBSERVER:
+                done[j] = _observer()
+            else:
+                full.setdefault(unique[j].room_id, []).append(j)
+        if full:
+            # A room near its quota: message by message, as if sent one by one.
+            rows_in: list[NewRow] = []
+            with db.atomic():
+                for room_id in sorted(full):
+                    mine = full[room_id]
+                    taken = self._number(db, room_id, [unique[j] for j in mine])
+                    for j, seq in zip(mine, taken, strict=True):
+                        if isinstance(seq, RelayError):
+                            done[j] = seq
+                        else:
+                            done[j] = (StoredMessage(seq, unique[j].data, ts), True)
+                            rows_in.append(_stored(room_id, seq, unique[j], ts))
+                if rows_in:
+                    db.insert(rows_in)
+        out = [done[j] if j >= 0 else None for j in slot]
         for i, first in copies:
-            done = out[first]
-            out[i] = done if isinstance(done, RelayError) else (replace(done[0], data=b""), False)
+            was = out[first]
+            out[i] = was if isinstance(was, RelayError) else (replace(was[0], data=b""), False)
         return out
 
     def _number(self, db: AppendRows, room_id: bytes, posts: list[_Post]) -> list[Any]:
@@ -179,7 +186,7 @@ class MessageStore(BaseStore):
         ciphertext are in the page (always at least one message), since a catch-up
         page is held in memory until a possibly slow reader takes it. The flag says
         whether more may follow."""
-        if self.direct is not None:
+        if self.direct is not None and self.is_sqlite:
             return await self.read_direct(
                 lambda db: _page_sqlite(db, room_id, after, limit, max_bytes, upto)
             )

@@ -22,39 +22,41 @@ async def collect(client: WSClient, room: bytes, count: int, timeout: float = 10
     return seqs
 
 
-async def test_live_order_and_catch_up_after_reconnect(
-    http: httpx.AsyncClient, relay: RelayServer
-) -> None:
-    room = await TestRoom.create(http)
-    alice, bob = room.facilitator, await room.add_member()
-    a = await WSClient.connect(relay, [alice])
-    b = await WSClient.connect(relay, [bob])
-    await b.send_frame("sub", room=room.id, after=0)
-    assert (await b.expect("synced", room=room.id))["seq"] == 0
+async def test_live_order_and_catch_up_after_reconnect(relay_factory: RelayFactory) -> None:
+    # 41 sends in well under a second: above the default burst on a fast machine,
+    # and the send rate is not what this test is about.
+    relay = relay_factory(rate_burst=100, key_burst=100)
+    async with httpx.AsyncClient(base_url=relay.url) as http:
+        room = await TestRoom.create(http)
+        alice, bob = room.facilitator, await room.add_member()
+        a = await WSClient.connect(relay, [alice])
+        b = await WSClient.connect(relay, [bob])
+        await b.send_frame("sub", room=room.id, after=0)
+        assert (await b.expect("synced", room=room.id))["seq"] == 0
 
-    # Many concurrent sends: every subscriber sees 1..N in order, no gaps.
-    payloads = {os.urandom(16): os.urandom(40) for _ in range(30)}
-    for cid, data in payloads.items():
-        await a.send_frame("send", room=room.id, from_=alice.public.sign, cid=cid, data=data)
-    acks = [await a.expect_reply("sent", cid) for cid in payloads]
-    assert sorted(ack["seq"] for ack in acks) == list(range(1, 31))
-    assert await collect(b, room.id, 30) == list(range(1, 31))
+        # Many concurrent sends: every subscriber sees 1..N in order, no gaps.
+        payloads = {os.urandom(16): os.urandom(40) for _ in range(30)}
+        for cid, data in payloads.items():
+            await a.send_frame("send", room=room.id, from_=alice.public.sign, cid=cid, data=data)
+        acks = [await a.expect_reply("sent", cid) for cid in payloads]
+        assert sorted(ack["seq"] for ack in acks) == list(range(1, 31))
+        assert await collect(b, room.id, 30) == list(range(1, 31))
 
-    # Bob drops off at cursor 30; more arrive; he reconnects with the cursor.
-    await b.close()
-    for i in range(10):
-        await a.send_msg(room.id, alice, f"later {i}".encode())
-    b = await WSClient.connect(relay, [bob])
-    await b.send_frame("sub", room=room.id, after=30)
-    seqs = await collect(b, room.id, 10)
-    assert seqs == list(range(31, 41))
-    assert (await b.expect("synced", room=room.id))["seq"] == 40
-    # ...then live, with no duplicates.
-    await a.send_msg(room.id, alice, b"live")
-    assert await collect(b, room.id, 1) == [41]
-    await b.nothing("msg")
-    await a.close()
-    await b.close()
+        # Bob drops off at cursor 30; more arrive; he reconnects with the cursor.
+        await b.close()
+        for i in range(10):
+            await a.send_msg(room.id, alice, f"later {i}".encode())
+        b = await WSClient.connect(relay, [bob])
+        await b.send_frame("sub", room=room.id, after=30)
+        seqs = await collect(b, room.id, 10)
+        assert seqs == list(range(31, 41))
+        assert (await b.expect("synced", room=room.id))["seq"] == 40
+        # ...then live, with no duplicates.
+        assert (await a.send_msg(room.id, alice, b"live"))["t"] == "sent"
+        assert await collect(b, room.id, 1) == [41]
+        await b.nothing("msg")
+        await a.close()
+        await b.close()
 
 
 async def test_catch_up_pages_and_payloads(relay_factory: RelayFactory) -> None:
