@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -50,7 +50,6 @@ T = TypeVar("T")
 
 
 SQLITE_BEGIN = "backchannel_sqlite_begin"
-AUTOCOMMIT: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"}
 
 
 def _sqlite_connection_setup(sync_engine: Engine) -> None:
@@ -127,6 +126,7 @@ def make_direct_writer(engine: AsyncEngine) -> Engine | None:
             pool_size=2,
             max_overflow=0,
             pool_timeout=10,
+            isolation_level="AUTOCOMMIT",
             connect_args={"connect_timeout": 5, "options": "-c statement_timeout=30000"},
         )
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
@@ -156,6 +156,8 @@ def unavailable(exc: BaseException) -> bool:
         return True
     if isinstance(getattr(exc, "orig", exc), psycopg.errors.TransactionRollback):
         return False  # a deadlock or serialization failure: each write is retried alone
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return True  # raised as is by the catch-up reader's binary queries (messages._page_pg)
     if isinstance(exc, InterfaceError | OperationalError):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
@@ -489,11 +491,10 @@ class BaseStore:
             health=self.health,
             direct=(
                 sessionmaker(
+                    # PostgreSQL's direct engine is in autocommit already: each of a
+                    # batch's statements is its own transaction (appendsql.PgRows).
                     self.direct.execution_options(
-                        # PostgreSQL: each of the batch's statements is its own
-                        # transaction (see appendsql.PgRows), so none waits on a
-                        # BEGIN or a COMMIT of its own.
-                        **({SQLITE_BEGIN: "IMMEDIATE"} if self.is_sqlite else AUTOCOMMIT)
+                        **({SQLITE_BEGIN: "IMMEDIATE"} if self.is_sqlite else {})
                     ),
                     expire_on_commit=False,
                 )
@@ -540,6 +541,24 @@ class BaseStore:
                     return run(db)
                 finally:
                     db.execute("ROLLBACK")
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._reader, read)
+        except Exception as exc:
+            if isinstance(exc, RelayError) or not unavailable(exc):
+                raise
+            raise storage_unavailable() from exc
+
+    async def read_pg(self, run: Callable[[Connection], T]) -> T:
+        """PostgreSQL: run ``run`` on the direct engine's psycopg connection (in
+        autocommit), on the reader thread: one hop from the event loop, however
+        many statements. Errors as :meth:`reading`."""
+        assert self.direct is not None
+        direct = self.direct
+
+        def read() -> T:
+            with direct.connect() as conn:
+                return run(conn)
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._reader, read)
