@@ -112,6 +112,9 @@ class Rooms:
         self._events: Table[EventRecord] = Table(store, "event", EventRecord)
         self._cursors: Table[CursorRecord] = Table(store, "cursor", CursorRecord)
         self._floors: Table[CounterRecord] = Table(store, FLOOR_NS, CounterRecord)
+        self._store = store
+        #: Rooms whose cursor moved in the current transaction, written at its commit.
+        self._moved: dict[bytes, Room] = {}
 
     def all(self) -> list[Room]:
         return sorted((self._load(r) for r in self._records.all()), key=lambda r: r.name)
@@ -193,8 +196,28 @@ class Rooms:
         room.floor, room.live = (0 if found is None else found.n), False
 
     def save_cursor(self, room: Room) -> None:
+        """Store the room's cursor. Within a transaction once, as it stands at the
+        commit: a batch of messages moves it once per message, and each write was
+        a sealed row."""
+        if self._store.in_transaction:
+            self._moved[room.room_id] = room
+            self._store.at_end(self._end)
+            return
+        self._write_cursor(room)
+
+    def _write_cursor(self, room: Room) -> None:
         high = room.high if room.high > room.cursor else None
         self._cursors.put(room.room_id, CursorRecord(seq=room.cursor, high=high))
+
+    def _settle(self) -> None:
+        for room in self._moved.values():
+            self._write_cursor(room)
+        self._moved.clear()
+
+    def _end(self, committing: bool) -> None:
+        if committing:
+            self._settle()
+        self._moved.clear()
 
     def _load(self, record: RoomRecord) -> Room:
         events = sorted(self._events.scan(record.id), key=lambda e: e.pos)
@@ -205,6 +228,7 @@ class Rooms:
             key = MemberKeyPair.from_bytes(record.key)
         except ProtocolError as exc:
             raise StoreCorrupt(f"a stored room does not validate ({exc.code})") from None
+        self._settle()  # a cursor moved in this transaction is read as it now is
         cursor = self._cursors.get(record.id)
         floor = self._floors.get(record.id)
         return Room(

@@ -37,7 +37,7 @@ import io
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -106,6 +106,8 @@ class Store:
         self._versions: dict[str, int] = {}
         self._rollbacks = 0
         self._derived: dict[tuple[str, bytes], bytes] = {}
+        #: Run at the end of the outermost transaction (see at_end).
+        self._hooks: list[Callable[[bool], None]] = []
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -245,14 +247,30 @@ class Store:
         self._depth = 1
         try:
             yield
+            # Writes held back for the commit join it; one that fails rolls it all back.
+            for hook in self._hooks:
+                hook(True)
         except BaseException:
             self._conn.execute("ROLLBACK")
             self._rollbacks += 1
+            for hook in self._hooks:
+                hook(False)
             raise
         else:
             self._conn.execute("COMMIT")
         finally:
             self._depth = 0
+            self._hooks.clear()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._depth > 0
+
+    def at_end(self, hook: Callable[[bool], None]) -> None:
+        """Within a transaction: call ``hook(True)`` just before it commits (what it
+        writes then commits with the rest) or ``hook(False)`` once it rolled back."""
+        if self._depth and hook not in self._hooks:
+            self._hooks.append(hook)
 
     # --- sealed items ---------------------------------------------------------------------
 

@@ -118,9 +118,22 @@ def _scan(data: bytes) -> None:
         raise DecodeError("not the canonical encoding (or trailing bytes)")
 
 
+#: Exact types that are always in the model: tested first, by identity, since
+#: ``isinstance`` against a union costs several times as much and this runs for
+#: every item of every value encoded or decoded.
+_LEAVES: Final = frozenset({type(None), bool, bytes, str})
+
+
 def _check_model(value: object, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise TypeError("nested too deeply")
+    kind = type(value)
+    if kind in _LEAVES:
+        return
+    if kind is list or kind is tuple:
+        for item in value:  # type: ignore[attr-defined]
+            _check_model(item, depth + 1)
+        return
     if value is None or isinstance(value, bool | bytes | str):
         return
     if isinstance(value, int):
