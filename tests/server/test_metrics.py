@@ -96,3 +96,40 @@ async def test_metrics_move_with_traffic_and_name_nothing(relay_factory: RelayFa
 async def test_metrics_can_be_turned_off(relay_factory: RelayFactory) -> None:
     relay = relay_factory(metrics_enabled=False)
     assert (await metrics_of(relay)).status_code == 404
+
+
+def test_the_loop_histogram_exports_what_prometheus_client_would() -> None:
+    """The hot path's lock-free histogram (server/metrics.py) against the library's
+    own, fed the same values, bucket bounds included."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from backchannel.server.metrics import _LATENCY, Metrics
+
+    ours = Metrics()
+    registry = CollectorRegistry()
+    theirs = Histogram(
+        "backchannel_relay_fanout_latency_seconds", "x", buckets=_LATENCY, registry=registry
+    )
+    values = [*_LATENCY, 0.0, 11.0, *(random.uniform(0, 12) for _ in range(500))]
+    for v in values:
+        ours.fanout_latency.observe(v)
+        theirs.observe(v)
+
+    def samples(text: str) -> dict[str, float]:
+        found = scrape(text)
+        return {
+            k: round(v, 6)
+            for k, v in found.items()
+            if "fanout_latency" in k[0] and "created" not in k[0]
+        }
+
+    assert samples(ours.render().decode()) == samples(generate_latest(registry).decode())
+    ours.room_out.inc(3)
+    ours.bytes_out.inc(40)
+    ours.bytes_out.inc(2)
+    again = scrape(ours.render().decode())
+    assert value(again, "backchannel_relay_messages_out_total", kind="room") == 3
+    assert value(again, "backchannel_relay_bytes_out_total") == 42
+    assert value(scrape(ours.render().decode()), "backchannel_relay_bytes_out_total") == 42
