@@ -4,7 +4,8 @@ The sequence number is taken inside the write transaction, so numbering
 needs no in-process state and stays gap-free across relay instances. The
 messages of one group commit are appended together (:meth:`MessageStore._append_sync`):
 one duplicate check and one membership query for the batch, one numbering
-update per room, one multi-row insert; each message still gets its own answer.
+update per room, one multi-row insert (on PostgreSQL all of it one statement,
+``appendsql.PG_JUDGE``); each message still gets its own answer.
 """
 
 from __future__ import annotations

@@ -263,6 +263,36 @@ async def test_replayed_room_message_is_dropped_with_a_warning(
     assert any("replayed" in w for w in warnings(ann, ann_room))
 
 
+async def test_a_message_replayed_on_a_later_connection_is_still_refused(
+    people: People, tamper: Tamper
+) -> None:
+    # The key's state reaches the disk with the batch that advanced it (the client
+    # holds inbound keys in memory within a transaction): a later connection, and
+    # a later process, refuse the same message.
+    fac, room, joined = await room_with(people, "ann")
+    ann, ann_room = joined["ann"]
+    seen: list[dict[str, Any]] = []
+
+    def keep(conn: Any, f: dict[str, Any]) -> list[dict[str, Any]]:
+        if f.get("t") == "msg" and for_key(conn, ann_room):
+            seen.append(f)
+        return [f]
+
+    tamper.server_frame = keep
+    await say(fac, room, "said once")
+    await online(ann, ann_room)
+    assert heard(ann, ann_room) == ["said once"]
+    first = seen[0]
+    tamper.server_frame = lambda conn, f: (
+        [{**first, "seq": f["seq"] + 1}, f]
+        if f.get("t") == "synced" and for_key(conn, ann_room)
+        else [f]
+    )
+    await online(ann, ann_room)
+    assert heard(ann, ann_room) == ["said once"]
+    assert any("replayed" in w for w in warnings(ann, ann_room))
+
+
 async def test_replayed_pairwise_message_is_refused(people: People, tamper: Tamper) -> None:
     fac, room, joined = await room_with(people, "ann")
     ann, ann_room = joined["ann"]
@@ -286,9 +316,7 @@ async def test_dropped_message_shows_as_a_gap(people: People, tamper: Tamper) ->
 
     def drop_first(conn: Conn, f: Frame) -> list[Frame]:
         # Every time: asking again (gap repair) gets nowhere with this relay.
-        if f.get("t") == "msg" and for_key(conn, ann_room) and (
-            not dropped or f["seq"] in dropped
-        ):
+        if f.get("t") == "msg" and for_key(conn, ann_room) and (not dropped or f["seq"] in dropped):
             dropped.append(f["seq"])
             return []
         return [f]
@@ -442,9 +470,7 @@ async def test_stale_signed_prekey_is_refused(
 # --- 6. an old sender key after a removal ----------------------------------------------------
 
 
-async def test_old_sender_key_after_removal_is_rejected(
-    people: People, tmp_path: Path
-) -> None:
+async def test_old_sender_key_after_removal_is_rejected(people: People, tmp_path: Path) -> None:
     fac, room, joined = await room_with(people, "ann", "bob")
     ann, ann_room = joined["ann"]
     bob, bob_room = joined["bob"]
