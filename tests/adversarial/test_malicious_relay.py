@@ -267,8 +267,8 @@ async def test_a_message_replayed_on_a_later_connection_is_still_refused(
     people: People, tamper: Tamper
 ) -> None:
     # The key's state reaches the disk with the batch that advanced it (the client
-    # holds inbound keys in memory within a transaction): a later connection, and
-    # a later process, refuse the same message.
+    # holds inbound keys in memory only within a transaction): a later connection,
+    # which reads the key from the disk again, refuses the same message.
     fac, room, joined = await room_with(people, "ann")
     ann, ann_room = joined["ann"]
     seen: list[dict[str, Any]] = []
