@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
-from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -526,14 +526,17 @@ class BaseStore:
             raise storage_unavailable() from exc
         self.health.succeeded()
 
-    async def read_direct(self, run: Callable[[sqlite3.Connection], T]) -> T:
-        """SQLite: run ``run`` on sqlite3 itself in one read transaction, on the
-        reader thread (one hop, however many statements). Errors as :meth:`reading`."""
+    async def read_direct(self, run: Callable[[Any], T]) -> T:
+        """Run ``run`` on the reader thread, one hop however many statements: on
+        SQLite with sqlite3 itself, in one read transaction; on PostgreSQL with the
+        direct engine's connection (psycopg, autocommit). Errors as :meth:`reading`."""
         assert self.direct is not None
-        direct = self.direct
+        direct, sqlite = self.direct, self.is_sqlite
 
         def read() -> T:
             with direct.connect() as conn:
+                if not sqlite:
+                    return run(conn)
                 db = conn.connection.driver_connection
                 assert isinstance(db, sqlite3.Connection)
                 db.execute("BEGIN")
@@ -541,24 +544,6 @@ class BaseStore:
                     return run(db)
                 finally:
                     db.execute("ROLLBACK")
-
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._reader, read)
-        except Exception as exc:
-            if isinstance(exc, RelayError) or not unavailable(exc):
-                raise
-            raise storage_unavailable() from exc
-
-    async def read_pg(self, run: Callable[[Connection], T]) -> T:
-        """PostgreSQL: run ``run`` on the direct engine's psycopg connection (in
-        autocommit), on the reader thread: one hop from the event loop, however
-        many statements. Errors as :meth:`reading`."""
-        assert self.direct is not None
-        direct = self.direct
-
-        def read() -> T:
-            with direct.connect() as conn:
-                return run(conn)
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._reader, read)

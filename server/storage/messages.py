@@ -188,13 +188,10 @@ class MessageStore(BaseStore):
         ciphertext are in the page (always at least one message), since a catch-up
         page is held in memory until a possibly slow reader takes it. The flag says
         whether more may follow."""
-        if self.direct is not None and self.is_sqlite:
-            return await self.read_direct(
-                lambda db: _page_sqlite(db, room_id, after, limit, max_bytes, upto)
-            )
         if self.direct is not None:
-            return await self.read_pg(
-                lambda conn: _page_pg(conn, room_id, after, limit, max_bytes, upto)
+            page = _page_sqlite if self.is_sqlite else _page_pg
+            return await self.read_direct(
+                lambda db: page(db, room_id, after, limit, max_bytes, upto)
             )
         async with self.reading() as session:
             query = select(RoomMessage.seq, func.length(RoomMessage.data)).where(

@@ -19,13 +19,18 @@ from backchannel.server.migrate import upgrade
 from backchannel.server.storage import Store, make_engine
 from backchannel.server.storage.appendsql import PG_JUDGE
 
+from .conftest import BACKENDS
 from .test_batch_append import make_room
+
+
+@pytest.fixture(params=BACKENDS[1:])
+def backend(request: pytest.FixtureRequest) -> str:
+    """PostgreSQL only (skipped, with the reason, where it is not set)."""
+    return str(request.param)
 
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[Store]:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("the one-statement batch is PostgreSQL's")
     engine = make_engine(database_url)
     await upgrade(engine)
     store = Store(engine, batch_window=0, batch_max=256)
