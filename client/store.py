@@ -245,6 +245,7 @@ class Store:
             return
         self._conn.execute("BEGIN IMMEDIATE")
         self._depth = 1
+        committed = False
         try:
             yield
             # Writes held back for the commit join it; one that fails rolls it all back.
@@ -253,14 +254,18 @@ class Store:
         except BaseException:
             self._conn.execute("ROLLBACK")
             self._rollbacks += 1
-            for hook in self._hooks:
-                hook(False)
             raise
         else:
             self._conn.execute("COMMIT")
+            committed = True
         finally:
             self._depth = 0
-            self._hooks.clear()
+            hooks, self._hooks = self._hooks, []
+            if not committed:
+                # Also when ROLLBACK or COMMIT itself failed: what the hooks hold
+                # in memory may be ahead of the table, so they let it go.
+                for hook in hooks:
+                    hook(False)
 
     @property
     def in_transaction(self) -> bool:

@@ -109,6 +109,47 @@ def test_transaction_is_all_or_nothing(tmp_path: Path) -> None:
     assert store.messages(ROOM) == []
 
 
+def test_writes_held_for_the_commit_join_it_and_a_rollback_lets_them_go(
+    tmp_path: Path,
+) -> None:
+    """``Store.at_end``: what the receive path holds back (inbound keys, cursors)."""
+    store = make(tmp_path)
+    calls: list[bool] = []
+
+    def hold(committing: bool) -> None:
+        calls.append(committing)
+        if committing:
+            store.put("ratchet", b"held", b"written at the commit")
+
+    with store.transaction():
+        store.at_end(hold)
+        store.at_end(hold)  # once per transaction, however often asked
+        with store.transaction():
+            store.at_end(hold)  # nested: still the outer one's
+        assert calls == []
+    assert calls == [True]
+    store.close()
+    store = Store.open(tmp_path, "correct horse")
+    assert store.get("ratchet", b"held") == b"written at the commit"
+
+    class Crash(Exception):
+        pass
+
+    def crash() -> None:
+        with store.transaction():
+            store.at_end(hold)
+            raise Crash
+
+    calls.clear()
+    with pytest.raises(Crash):
+        crash()
+    assert calls == [False]
+    store.at_end(hold)  # outside a transaction: nothing to wait for
+    with store.transaction():
+        pass
+    assert calls == [False]
+
+
 def test_retention_purge_with_and_without_the_passphrase(tmp_path: Path) -> None:
     store = make(tmp_path)
     store.add_message(ROOM, b"old", 1000)
