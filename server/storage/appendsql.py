@@ -18,6 +18,7 @@ On PostgreSQL the keys are arrays, unnested and joined the same way.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -86,21 +87,22 @@ def _placeholders(width: int, count: int) -> str:
     return ", ".join([one] * count)
 
 
-class _Composed:
+class _Composed(abc.ABC):
     """:meth:`AppendRows.judge` from a few statements, for a connection already in
     the batch's transaction."""
 
-    def originals(self, keys: Sequence[tuple[bytes, bytes, bytes]]) -> Iterable[Original]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def originals(self, keys: Sequence[tuple[bytes, bytes, bytes]]) -> Iterable[Original]: ...
 
+    @abc.abstractmethod
     def roles(self, pairs: Sequence[tuple[bytes, bytes]]) -> Iterable[Role]:
-        raise NotImplementedError
+        """(room_id, member, role) of each pair that is a current member."""
 
-    def number(self, room: bytes, count: int, total: int, limit: int | None) -> int | None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def number(self, room: bytes, count: int, total: int, limit: int | None) -> int | None: ...
 
-    def insert(self, rows: list[NewRow]) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def insert(self, rows: list[NewRow]) -> None: ...
 
     def judge(self, items: Sequence[Item], limit: int, ts: int) -> list[Verdict]:
         keys = sorted({item[:3] for item in items})

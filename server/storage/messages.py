@@ -11,7 +11,7 @@ update per room, one multi-row insert (on PostgreSQL all of it one statement,
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -227,52 +227,56 @@ def _page_end(sizes: Sequence[Any], max_bytes: int) -> tuple[int, bool]:
     return sizes[-1][0], False
 
 
-def _page_sqlite(
-    db: sqlite3.Connection, room_id: bytes, after: int, limit: int, max_bytes: int, upto: int | None
+#: The two queries of a catch-up page on the reader's own connection, by the
+#: primary key; ``?`` placeholders (sqlite3's; psycopg's are ``%s``).
+_PAGE_SIZES = (
+    "SELECT seq, length(data) FROM room_messages WHERE room_id = ? AND seq > ? AND seq <= ? "
+    "ORDER BY seq LIMIT ?"
+)
+_PAGE_ROWS = (
+    "SELECT seq, data, created_at FROM room_messages WHERE room_id = ? AND seq > ? "
+    "AND seq <= ? ORDER BY seq"
+)
+
+Fetch = Callable[[str, tuple[Any, ...]], Sequence[Any]]
+
+
+def _page_direct(
+    fetch: Fetch, room_id: bytes, after: int, limit: int, max_bytes: int, upto: int | None
 ) -> tuple[list[StoredMessage], bool]:
-    """:meth:`MessageStore.room_messages_page` in plain SQL on sqlite3 (the same two
-    queries, by the primary key), for the catch-up reader's thread."""
+    """:meth:`MessageStore.room_messages_page` in plain SQL, for the catch-up
+    reader's thread. Messages that lapse between the two queries (PostgreSQL reads
+    them in autocommit) are simply not in the page."""
     top = upto if upto is not None else (1 << 62)
-    sizes = db.execute(
-        "SELECT seq, length(data) FROM room_messages WHERE room_id = ? AND seq > ? AND seq <= ? "
-        "ORDER BY seq LIMIT ?",
-        (room_id, after, top, limit),
-    ).fetchall()
+    sizes = fetch(_PAGE_SIZES, (room_id, after, top, limit))
     if not sizes:
         return [], False
     last, cut = _page_end(sizes, max_bytes)
-    rows = db.execute(
-        "SELECT seq, data, created_at FROM room_messages WHERE room_id = ? AND seq > ? "
-        "AND seq <= ? ORDER BY seq",
-        (room_id, after, last),
-    ).fetchall()
+    rows = fetch(_PAGE_ROWS, (room_id, after, last))
     page = [StoredMessage(seq, bytes(data), created) for seq, data, created in rows]
     return page, cut or len(sizes) == limit
+
+
+def _page_sqlite(
+    db: sqlite3.Connection, room_id: bytes, after: int, limit: int, max_bytes: int, upto: int | None
+) -> tuple[list[StoredMessage], bool]:
+    return _page_direct(
+        lambda sql, args: db.execute(sql, args).fetchall(), room_id, after, limit, max_bytes, upto
+    )
 
 
 def _page_pg(
     conn: Connection, room_id: bytes, after: int, limit: int, max_bytes: int, upto: int | None
 ) -> tuple[list[StoredMessage], bool]:
-    """The same two queries on psycopg (in autocommit), for the catch-up reader's
-    thread. The rows come in binary: as text, bytea is hex, twice the bytes to
-    send and decode. Messages that lapse between the two are simply not in the page."""
+    """On psycopg, rows in binary: as text, a bytea is hex, twice the bytes to send
+    and to decode."""
     db = conn.connection.driver_connection
     assert isinstance(db, psycopg.Connection)
-    top = upto if upto is not None else (1 << 62)
-    sizes = db.execute(
-        "SELECT seq, length(data) FROM room_messages WHERE room_id = %s AND seq > %s "
-        "AND seq <= %s ORDER BY seq LIMIT %s",
-        (room_id, after, top, limit),
-        binary=True,
-    ).fetchall()
-    if not sizes:
-        return [], False
-    last, cut = _page_end(sizes, max_bytes)
-    rows = db.execute(
-        "SELECT seq, data, created_at FROM room_messages WHERE room_id = %s AND seq > %s "
-        "AND seq <= %s ORDER BY seq",
-        (room_id, after, last),
-        binary=True,
-    ).fetchall()
-    page = [StoredMessage(seq, data, created) for seq, data, created in rows]
-    return page, cut or len(sizes) == limit
+    return _page_direct(
+        lambda sql, args: db.execute(sql.replace("?", "%s"), args, binary=True).fetchall(),
+        room_id,
+        after,
+        limit,
+        max_bytes,
+        upto,
+    )

@@ -18,7 +18,8 @@ from sqlalchemy import text
 
 from backchannel.server import logging as relay_logging
 from backchannel.server.config import CONFIG_ENV, Settings
-from backchannel.server.storage import make_engine
+from backchannel.server.migrate import upgrade
+from backchannel.server.storage import Store, make_engine
 
 from .helpers import POSTGRES_ENV, FakeClock, RelayServer
 
@@ -89,6 +90,17 @@ async def relay_factory(database_url: str, tmp_path: Path) -> AsyncIterator[Rela
         await relay.astop()
     for relay in started:
         assert relay.app.state.internal_errors == 0, "the relay answered a 500 / crashed"
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    """The relay's storage alone, migrated, on an empty database."""
+    engine = make_engine(database_url)
+    await upgrade(engine)
+    store = Store(engine, batch_window=0, batch_max=256)
+    await store.start()
+    yield store
+    await store.close()
 
 
 @pytest.fixture

@@ -16,30 +16,17 @@ import asyncio
 import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 from sqlalchemy import event, insert
 
-from backchannel.server.migrate import upgrade
-from backchannel.server.storage import Store, make_engine
+from backchannel.server.storage import Store
 from backchannel.server.storage.models import RoomMessage
 
 from .test_batch_append import make_room
 
 STORED = 3000
 TABLES = ("room_messages", "room_members")
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Store]:
-    engine = make_engine(database_url)
-    await upgrade(engine)
-    store = Store(engine, batch_window=0, batch_max=256)
-    await store.start()
-    yield store
-    await store.close()
 
 
 def _capture(store: Store) -> list[tuple[str, Any]]:

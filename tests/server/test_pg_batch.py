@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from sqlalchemy import event, text
 
 from backchannel.server.errors import RelayError
-from backchannel.server.migrate import upgrade
-from backchannel.server.storage import Store, make_engine
+from backchannel.server.storage import Store
 from backchannel.server.storage.appendsql import PG_JUDGE
 
 from .conftest import BACKENDS
@@ -27,16 +25,6 @@ from .test_batch_append import make_room
 def backend(request: pytest.FixtureRequest) -> str:
     """PostgreSQL only (skipped, with the reason, where it is not set)."""
     return str(request.param)
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Store]:
-    engine = make_engine(database_url)
-    await upgrade(engine)
-    store = Store(engine, batch_window=0, batch_max=256)
-    await store.start()
-    yield store
-    await store.close()
 
 
 def _statements(store: Store) -> list[str]:
