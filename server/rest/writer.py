@@ -112,9 +112,9 @@ class Writer:
         if self.writer is None:
             self.writer = asyncio.create_task(self._write_loop())
 
-    def _has_room(self) -> bool:
+    def _has_room(self, reserved: int = 0) -> bool:
         return (
-            self.pending <= self.settings.max_pending_bytes // 2
+            self.pending + reserved <= self.settings.max_pending_bytes // 2
             and len(self.outbox or ()) < self.settings.send_queue_depth
         )
 
@@ -128,16 +128,34 @@ class Writer:
         outbox is full (in items or bytes): a client that does not read its
         answers slows only itself, and stops being read (``offer`` is for what
         other connections cause)."""
-        while not self.closing and not self._has_room():
-            if self.space is None:
-                self.space = asyncio.Event()
-            self.space.clear()
-            await self.space.wait()
+        await self.room_for_reply()
         if self.closing:
             return
         if isinstance(item, Frame) and self.write_now(item.data):
             return
         self._queue(item, item_size(item))
+
+    def promised(self) -> int:
+        """Bytes of replies owed to requests in flight (see ``room_for_reply``)."""
+        return 0
+
+    async def room_for_reply(self) -> None:
+        """Wait until the outbox has room beyond the replies still owed (or until
+        the connection is closing)."""
+        while not self.closing and not self._has_room(self.promised()):
+            if self.space is None:
+                self.space = asyncio.Event()
+            self.space.clear()
+            await self.space.wait()
+
+    def reply(self, data: bytes) -> None:
+        """Write or queue a reply from code that cannot wait (a commit's callback).
+        Its request was taken only once there was room for it and for every reply
+        still owed (``room_for_reply``), so this keeps within the bound."""
+        if not self.closing and not self.write_now(data):
+            self._queue(Frame(data), len(data))
+        if self.space is not None:
+            self.space.set()  # a reservation is now spent: let a waiter count again
 
     def _spawn(self, coro: Any) -> None:
         raise NotImplementedError

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -43,7 +44,8 @@ from ..logging import get_logger
 from ..metrics import Metrics
 from ..storage import STORAGE_UNAVAILABLE, unavailable
 from .budgets import ConnectionLimiter, CpuBuckets, KeyBuckets, TokenBucket
-from .writer import Writer, item_size
+from .mail import Mailbox
+from .writer import item_size
 from .wsproto import WIRE
 
 if TYPE_CHECKING:
@@ -58,8 +60,6 @@ CLOSE_TOO_BIG = 1009
 CLOSE_TRY_LATER = 1013
 #: Failed or premature frames tolerated before authentication.
 PRE_AUTH_STRIKES = 3
-#: Mailbox ids one connection may have waiting to be acknowledged.
-MAX_PENDING_ACKS = 8192
 
 
 class _Closing(Exception):
@@ -67,22 +67,18 @@ class _Closing(Exception):
         self.code = code
 
 
-class Connection(Writer):
+class Connection(Mailbox):
     # Slots: thousands of these are alive at once, most of them idle.
     __slots__ = (
         "__weakref__",
         "aborted",
-        "acking",
-        "acks",
         "address",
         "auth_frame_bytes",
         "auths",
         "bucket",
         "cpu",
         "cpu_throttled",
-        "fanout",
         "frames",
-        "inflight",
         "key_buckets",
         "limiter",
         "nonce",
@@ -518,70 +514,35 @@ class Connection(Writer):
                 FANOUT_UNAVAILABLE, "fan-out (Redis) is unavailable; retry later", frame.cid
             )
             return
+        if isinstance(frame, F.PSend):
+            self.inflight += 1
+            self._spawn(self._store_mail(frame))
+            return
+        # Its `sent` is written from a callback, which cannot wait for room: wait
+        # here instead, so a client that does not read its answers stops being read.
+        await self.room_for_reply()
         self.inflight += 1
-        self._spawn(self._store_send(frame))
-
-    async def _store_send(self, frame: F.Send | F.PSend) -> None:
         try:
-            if isinstance(frame, F.Send):
-                msg, fresh = await self.store.append_room_message(
-                    frame.room, frame.sender, frame.cid, frame.data
-                )
-                await self.send(F.server_frame("sent", room=frame.room, cid=frame.cid, seq=msg.seq))
-                if fresh:
-                    self.metrics.messages_in.labels("room").inc()
-                    self.fanout.message(frame.room, msg)
-            else:
-                item, fresh = await self.store.mailbox_put(
-                    frame.to,
-                    frame.sender,
-                    frame.room,
-                    frame.cid,
-                    frame.data,
-                    self.settings.max_mailbox_depth,
-                )
-                await self.send(F.server_frame("psent", cid=frame.cid, id=item.id))
-                if fresh:
-                    self.metrics.messages_in.labels("pairwise").inc()
-                    self.fanout.mail(item)
+            self.store.post_room_message(
+                frame.room, frame.sender, frame.cid, frame.data, partial(self._stored, frame)
+            )
         except RelayError as exc:
-            await self.error(exc.code, exc.detail, frame.cid)
-        finally:
             self.inflight -= 1
+            await self.error(exc.code, exc.detail, frame.cid)
 
-    async def _take_ack(self, frame: F.Ack) -> None:
-        """Acks are coalesced: at most one acknowledgement write per connection is
-        in flight, and ids that arrive meanwhile join the next one. So a flood of
-        ``ack`` frames costs one database write at a time, not a task per frame."""
-        # Only what this connection delivered can be acknowledged on it: anything
-        # else is answered at once, with no database work (a client that acks
-        # mail delivered on an earlier connection gets it again, and acks it again).
-        ids = [i for i in frame.ids if any(i in seen for seen in self.delivered.values())]
-        if not ids:
-            await self.send(F.server_frame("acked", ids=[]))
+    def _stored(self, frame: F.Send, ok: bool, value: Any) -> None:
+        """A room message's outcome, in the loop's turn that learnt of its commit:
+        the sender's answer, then the fan-out (see :mod:`..storage.batcher`)."""
+        self.inflight -= 1
+        if not ok:
+            self.metrics.error(value.code)
+            self.reply(F.error_frame(value.code, value.detail, frame.cid))
             return
-        if len(self.acks) + len(ids) > MAX_PENDING_ACKS:
-            await self.error("busy", "too many acknowledgements waiting", "ack")
-            return
-        self.acks.update(ids)
-        if not self.acking:
-            self.acking = True
-            self._spawn(self._ack_loop())
-
-    async def _ack_loop(self) -> None:
-        try:
-            while self.acks and not self.closing:
-                ids, self.acks = sorted(self.acks), set()
-                try:
-                    gone = await self.store.mailbox_ack(sorted(self.keys), ids)
-                except RelayError as exc:
-                    await self.error(exc.code, exc.detail, "ack")
-                    continue
-                for seen in self.delivered.values():
-                    seen.difference_update(gone)
-                await self.send(F.server_frame("acked", ids=gone))
-        finally:
-            self.acking = False
+        msg, fresh = value
+        self.reply(F.server_frame("sent", room=frame.room, cid=frame.cid, seq=msg.seq))
+        if fresh:
+            self.metrics.messages_in.labels("room").inc()
+            self.fanout.message(frame.room, msg)
 
 
 def _names_its_sender(frame: F.Send) -> bool:

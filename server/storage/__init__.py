@@ -10,14 +10,8 @@ below hold no state of their own beyond the shared engine and batcher
 
 from __future__ import annotations
 
-from .engine import (
-    STORAGE_UNAVAILABLE,
-    Quotas,
-    WriteHealth,
-    make_engine,
-    storage_unavailable,
-    unavailable,
-)
+from .engine import Quotas, make_engine
+from .health import STORAGE_UNAVAILABLE, WriteHealth, storage_unavailable, unavailable
 from .housekeeping import HousekeepingStore
 from .mailboxes import MailboxStore, MailItem
 from .messages import MessageStore, StoredMessage

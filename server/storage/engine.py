@@ -1,9 +1,9 @@
-"""The database engine, the group-commit :class:`Batcher` and the base every store builds on.
+"""The database engines and the base every store builds on.
 
 SQLAlchemy 2 async over SQLite (WAL, synchronous=FULL) or PostgreSQL.
 
 Writes on the hot path (room messages, mailbox puts and acks) go through a
-group-commit :class:`Batcher`: callers enqueue and await; one task commits
+group-commit :class:`~.batcher.Batcher`: callers enqueue and await; one task commits
 everything that arrived within the batch window in a single transaction, then
 resolves every caller. A send is acknowledged only after that commit returns,
 so an acknowledged message is durable, and durability costs one fsync per
@@ -27,22 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psycopg
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import SingletonThreadPool
 
 from ..errors import RelayError
 from ..logging import get_logger
+from .batcher import Batcher
+from .health import WriteHealth, storage_unavailable, unavailable
 
 log = get_logger("backchannel.relay.storage")
 
@@ -144,86 +144,6 @@ def make_direct_writer(engine: AsyncEngine) -> Engine | None:
     return direct
 
 
-def unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` means "the database cannot be reached" (not "this write is bad")."""
-    if isinstance(exc, RelayError):
-        return exc.code == STORAGE_UNAVAILABLE
-    if isinstance(exc, sqlite3.OperationalError):
-        # Raised as is by the statements run on sqlite3 itself (see appendsql.py):
-        # locked, disk I/O error, disk full, cannot open.
-        return True
-    if isinstance(exc, OSError | ConnectionError | TimeoutError | PoolTimeout):
-        return True
-    if isinstance(getattr(exc, "orig", exc), psycopg.errors.TransactionRollback):
-        return False  # a deadlock or serialization failure: each write is retried alone
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-        return True  # raised as is by the catch-up reader's binary queries (messages._page_pg)
-    if isinstance(exc, InterfaceError | OperationalError):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
-
-
-STORAGE_UNAVAILABLE = "storage_unavailable"
-
-
-def storage_unavailable() -> RelayError:
-    return RelayError(STORAGE_UNAVAILABLE, 503, "the database is unavailable; retry later")
-
-
-def busy() -> RelayError:
-    return RelayError("busy", 503, "the relay is busy; retry shortly")
-
-
-def _reason(exc: BaseException) -> str:
-    """A word for the log about why writes fail (the driver's message may name paths)."""
-    text = str(getattr(exc, "orig", None) or exc).lower()
-    for word, reason in (("locked", "locked"), ("busy", "locked"), ("full", "full")):
-        if word in text:
-            return reason
-    if "i/o" in text or isinstance(exc, OSError):
-        return "io_error"
-    return type(getattr(exc, "orig", None) or exc).__name__
-
-
-class WriteHealth:
-    """Whether writes reach the database, from the outcome of the latest one.
-
-    While they fail, writers do not queue behind the write that is trying (each
-    would wait a busy timeout in turn): they are answered ``storage_unavailable``
-    at once, and ``/readyz`` says not ready. The next write after that one, or
-    the probe ``/readyz`` makes, finds out whether the database is back.
-    """
-
-    #: Least time between two probes that ``/readyz`` makes while writes fail.
-    PROBE_INTERVAL = 1.0
-
-    def __init__(self) -> None:
-        self.failing_since: float | None = None
-        self.last_probe = 0.0
-
-    @property
-    def failing(self) -> bool:
-        return self.failing_since is not None
-
-    def failed(self, exc: BaseException) -> None:
-        if self.failing_since is None:
-            self.failing_since = time.monotonic()
-            log.warning("storage.writes_failing", reason=_reason(exc))
-
-    def succeeded(self) -> None:
-        if self.failing_since is not None:
-            took = time.monotonic() - self.failing_since
-            self.failing_since = None
-            log.info("storage.writes_recovered", after_seconds=round(took, 1))
-
-    def probe_due(self) -> bool:
-        now = time.monotonic()
-        if not self.failing or now - self.last_probe < self.PROBE_INTERVAL:
-            return False
-        self.last_probe = now
-        return True
-
-
 @dataclass(frozen=True, slots=True)
 class Quotas:
     """The storage limits the stores enforce themselves (see the settings of the
@@ -232,219 +152,6 @@ class Quotas:
     max_room_bytes: int = 256 * 1024 * 1024
     max_mailbox_per_sender: int = 200
     state_cache_entries: int = 100_000
-
-
-#: Runs a whole batch's worth of one kind of write at once, as synchronous code
-#: on a session (on SQLite on the batcher's own thread, else through
-#: ``run_sync``): gets their items in arrival order and returns one outcome per
-#: item, a :class:`RelayError` for an item refused. It must refuse items only
-#: before writing anything for them, since there is no savepoint to roll back
-#: to, and raise only for what should abort the batch (an unexpected database
-#: error).
-BulkRun = Callable[[Session, list[Any]], list[Any]]
-
-
-@dataclass(slots=True)
-class _Job:
-    run: Callable[[AsyncSession], Awaitable[Any]] | None
-    future: asyncio.Future[Any]
-    bulk: BulkRun | None = None
-    item: Any = None
-
-
-class Batcher:
-    """Group commit for small, independent writes.
-
-    Each job runs inside the shared transaction. A job that raises
-    :class:`RelayError` (a limit, a bad reference) is answered with that error
-    and the batch goes on; an unexpected database error aborts the batch, and
-    every job in it is retried alone so that one bad write never fails others.
-
-    Jobs submitted with :meth:`submit_bulk` skip the per-job savepoint: all the
-    batch's jobs of one :data:`BulkRun` are handed to it in one call, so a kind
-    of write that is most of the traffic (room messages) costs a few statements
-    per batch rather than several per job.
-    """
-
-    def __init__(
-        self,
-        sessions: async_sessionmaker[AsyncSession],
-        window: float,
-        max_jobs: int,
-        lock: asyncio.Lock | None = None,
-        on_commit: Callable[[int, float], None] | None = None,
-        depth: int = 4096,
-        health: WriteHealth | None = None,
-        direct: sessionmaker[Session] | None = None,
-    ) -> None:
-        self._sessions = sessions
-        #: Batches of bulk writes run whole on this thread (see make_direct_writer).
-        self._direct = direct
-        self._executor = (
-            ThreadPoolExecutor(1, thread_name_prefix="group-commit") if direct is not None else None
-        )
-        self.health = health or WriteHealth()
-        self._committing = False
-        self.on_commit = on_commit
-        self._window = window
-        self._max = max_jobs
-        self._lock = lock
-        # Bounded: a full queue answers `busy` at once, rather than holding every
-        # waiting writer's data in memory behind a slow or stuck disk.
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue(depth)
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="group-commit")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._executor is not None:
-            # A commit already on the thread finishes (bounded by the busy timeout)
-            # before the engine under it is disposed.
-            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
-            if not job.future.done():
-                job.future.set_exception(RelayError("shutting_down", 503))
-
-    async def submit(self, run: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        return await self._enqueue(run, None, None)  # type: ignore[no-any-return]
-
-    async def submit_bulk(self, bulk: BulkRun, item: Any) -> Any:
-        """Enqueue ``item`` for ``bulk``; its outcome, or the error it was refused with."""
-        return await self._enqueue(None, bulk, item)
-
-    async def _enqueue(
-        self, run: Callable[[AsyncSession], Awaitable[Any]] | None, bulk: BulkRun | None, item: Any
-    ) -> Any:
-        if self.health.failing and self._committing:
-            # The write in progress finds out whether the database is back; queueing
-            # behind it would answer this one a busy timeout late, for nothing.
-            raise storage_unavailable()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(_Job(run, future, bulk, item))
-        except asyncio.QueueFull:
-            raise busy() from None
-        return await future
-
-    async def _loop(self) -> None:
-        while True:
-            jobs = [await self._queue.get()]
-            deadline = time.monotonic() + self._window
-            while len(jobs) < self._max:
-                remaining = deadline - time.monotonic()
-                try:
-                    if remaining > 0:
-                        jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
-                    else:
-                        jobs.append(self._queue.get_nowait())
-                except (TimeoutError, asyncio.QueueEmpty):
-                    break
-            started = time.monotonic()
-            self._committing = True
-            try:
-                await self._commit(jobs)
-            finally:
-                self._committing = False
-            if self.on_commit is not None:
-                self.on_commit(len(jobs), time.monotonic() - started)
-
-    async def _commit(self, jobs: list[_Job]) -> None:
-        if self._direct is not None and all(job.bulk is not None for job in jobs):
-            await self._commit_direct(jobs)
-            return
-        results: list[tuple[_Job, bool, Any]] = []
-        try:
-            async with (
-                self._lock if self._lock else contextlib.nullcontext(),
-                self._sessions() as session,
-                session.begin(),
-            ):
-                groups: dict[BulkRun, list[_Job]] = {}
-                for job in jobs:
-                    if job.bulk is not None:
-                        groups.setdefault(job.bulk, []).append(job)
-                        continue
-                    assert job.run is not None
-                    try:
-                        async with session.begin_nested():
-                            results.append((job, True, await job.run(session)))
-                    except RelayError as exc:
-                        results.append((job, False, exc))
-                for bulk, group in groups.items():
-                    outcomes = await session.run_sync(bulk, [job.item for job in group])
-                    for job, outcome in zip(group, outcomes, strict=True):
-                        results.append((job, not isinstance(outcome, RelayError), outcome))
-        except Exception as exc:
-            await self._failed(jobs, exc)
-            return
-        self._resolve(results)
-
-    async def _commit_direct(self, jobs: list[_Job]) -> None:
-        """A batch of bulk writes only: the transaction runs whole on our thread."""
-        assert self._executor is not None
-        groups: dict[BulkRun, list[_Job]] = {}
-        for job in jobs:
-            assert job.bulk is not None
-            groups.setdefault(job.bulk, []).append(job)
-        loop = asyncio.get_running_loop()
-        retried = False
-        while True:
-            try:
-                async with self._lock if self._lock else contextlib.nullcontext():
-                    outcomes = await loop.run_in_executor(self._executor, self._run_direct, groups)
-                break
-            except Exception as exc:
-                if not retried and isinstance(exc, DBAPIError) and exc.connection_invalidated:
-                    # A pooled connection the server had closed (a restart): once
-                    # more on a new one, rather than a ping before every batch. A
-                    # batch is safe to run twice: what the first run stored comes
-                    # back as stored before.
-                    retried = True
-                    continue
-                await self._failed(jobs, exc)
-                return
-        results: list[tuple[_Job, bool, Any]] = []
-        for group, found in zip(groups.values(), outcomes, strict=True):
-            for job, outcome in zip(group, found, strict=True):
-                results.append((job, not isinstance(outcome, RelayError), outcome))
-        self._resolve(results)
-
-    def _run_direct(self, groups: dict[BulkRun, list[_Job]]) -> list[list[Any]]:
-        assert self._direct is not None
-        with self._direct() as session, session.begin():
-            return [bulk(session, [job.item for job in group]) for bulk, group in groups.items()]
-
-    async def _failed(self, jobs: list[_Job], exc: Exception) -> None:
-        """Nothing of ``jobs`` was committed: answer them, or retry each alone."""
-        if len(jobs) == 1 or unavailable(exc):
-            # Nothing was committed: every caller gets a clear error, nobody hangs.
-            if unavailable(exc):
-                self.health.failed(exc)
-                # What queued behind this write would only wait to fail the same way.
-                while not self._queue.empty():
-                    jobs.append(self._queue.get_nowait())
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(storage_unavailable())
-            return
-        for job in jobs:
-            await self._commit([job])
-
-    def _resolve(self, results: list[tuple[_Job, bool, Any]]) -> None:
-        self.health.succeeded()
-        for job, ok, value in results:
-            if job.future.done():
-                continue
-            if ok:
-                job.future.set_result(value)
-            else:
-                job.future.set_exception(value)
 
 
 class BaseStore:

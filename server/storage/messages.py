@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import RelayError
 from .appendsql import NEW, NOT_MEMBER, OBSERVER, OLD, AppendRows, NewRow, rows_for
+from .batcher import Done
 from .engine import BaseStore
 from .models import RoomMessage, coarse
 
@@ -70,13 +71,21 @@ class MessageStore(BaseStore):
         post = _Post(room_id, sender, client_id, data)
         return await self.batcher.submit_bulk(self._append_sync, post)  # type: ignore[no-any-return]
 
+    def post_room_message(
+        self, room_id: bytes, sender: bytes, client_id: bytes, data: bytes, done: Done
+    ) -> None:
+        """:meth:`append_room_message` answered through ``done`` (see
+        :meth:`.batcher.Batcher.post_bulk`): ``(True, (message, fresh))`` or
+        ``(False, RelayError)``. Raises :class:`RelayError` if not taken."""
+        self.batcher.post_bulk(self._append_sync, _Post(room_id, sender, client_id, data), done)
+
     def _append_sync(self, session: Session, posts: list[_Post]) -> list[Any]:
         """The outcomes of ``posts`` in order, as if appended one after another.
 
         A fixed handful of statements per batch rather than six per message, and
         synchronous: each statement through the async driver costs round trips
         between the event loop and the database thread, and those, not the
-        database, bounded the relay's throughput (see :class:`.engine.Batcher`)."""
+        database, bounded the relay's throughput (see :class:`.batcher.Batcher`)."""
         db = rows_for(session.connection())
         # The same send twice in one batch is stored once; the copy is answered
         # like a retry. A retry is answered with the original before any other

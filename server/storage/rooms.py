@@ -34,7 +34,8 @@ from backchannel.protocol import roomlog
 
 from ..errors import RelayError, from_protocol
 from ..logging import get_logger
-from .engine import BaseStore, unavailable
+from .engine import BaseStore
+from .health import unavailable
 from .housekeeping import spend_token
 from .models import LogEvent, Room, RoomInvite, RoomMember, coarse
 

@@ -218,3 +218,51 @@ async def test_mailbox_writes_share_a_batch_with_room_messages(store: Store) -> 
     assert [code(r) for r in results] == ["sent"] * 3
     assert [results[0][0].seq, results[2][0].seq] == [1, 2]
     assert results[1][1] is True
+
+
+async def test_posted_sends_are_answered_once_each_even_when_one_answer_fails(
+    store: Store,
+) -> None:
+    """The hot path's callbacks (``post_room_message``): every send of a batch is
+    answered exactly once, in order, in one turn of the loop; an answer that
+    raises is logged and neither keeps the others unanswered nor stops the
+    group commit."""
+    fac = os.urandom(32)
+    room = await make_room(store, {fac: ("facilitator", None)})
+    answers: list[tuple[int, bool, Any]] = []
+    all_in = asyncio.Event()
+
+    def answer(i: int) -> Callable[[bool, Any], None]:
+        def done(ok: bool, value: Any) -> None:
+            answers.append((i, ok, value))
+            if len(answers) == 5:
+                all_in.set()
+            if i == 1:
+                raise RuntimeError("a reply that fails")
+
+        return done
+
+    for i in range(5):
+        store.post_room_message(room, fac, os.urandom(16), b"m%d" % i, answer(i))
+    await asyncio.wait_for(all_in.wait(), 10)
+    assert [i for i, _, _ in answers] == [0, 1, 2, 3, 4]
+    assert all(ok for _, ok, _ in answers)
+    assert [value[0].seq for _, _, value in answers] == [1, 2, 3, 4, 5]
+    assert store.batches == [5]  # type: ignore[attr-defined]
+    await asyncio.sleep(0.05)
+    assert len(answers) == 5, "a send was answered twice"
+    # The group commit goes on.
+    msg, fresh = await store.append_room_message(room, fac, os.urandom(16), b"after")
+    assert (msg.seq, fresh) == (6, True)
+    # Refused sends are answered too, with the error.
+    refused: list[tuple[bool, Any]] = []
+    stranger = os.urandom(32)
+    store.post_room_message(room, stranger, os.urandom(16), b"x", lambda *a: refused.append(a))
+    for _ in range(100):
+        if refused:
+            break
+        await asyncio.sleep(0.01)
+    (ok, error), = refused
+    assert not ok
+    assert isinstance(error, RelayError)
+    assert error.code == "not_authorized"

@@ -19,10 +19,12 @@ from websockets.frames import Frame, Opcode
 from backchannel.protocol.keys import MemberKeyPair
 from backchannel.server.errors import RelayError
 from backchannel.server.storage import Store, make_engine
-from backchannel.server.storage.engine import Batcher
+from backchannel.server.storage.batcher import Batcher
 
 from .conftest import RelayFactory
 from .helpers import RelayServer, TestRoom, WSClient, closed_with, frame
+
+ROOM_MESSAGES_IN = 'backchannel_relay_messages_in_total{kind="room"}'
 
 
 async def still_works(client: WSClient) -> None:
@@ -262,3 +264,71 @@ async def test_an_empty_continuation_is_refused(relay: RelayServer) -> None:
     closed = await closed_with(lambda: client.recv(timeout=5))
     assert closed.rcvd is not None
     assert closed.rcvd.code == 1008
+
+
+async def test_a_sender_that_never_reads_its_answers_stops_being_read(
+    relay_factory: RelayFactory,
+) -> None:
+    """A room message's `sent` is written from the commit's callback, which cannot
+    wait for room in the outbox; the reader waits instead, before it takes the
+    next send. So a client that sends and never reads holds at most the outbox's
+    bound (plus the sends in flight) in the relay, is no longer read past it
+    (TCP then slows it), and once it reads again every send taken is answered."""
+    bound = 64 * 1024  # the least the setting takes
+    relay = relay_factory(
+        max_pending_bytes=bound,
+        rate_messages_per_second=1e6,
+        rate_burst=1e6,
+        key_messages_per_second=1e6,
+        key_burst=1e6,
+        frame_rate_per_second=1e6,
+        frame_burst=1e6,
+        max_inflight_writes=100_000,  # not the bound that holds here
+    )
+    async with httpx.AsyncClient(base_url=relay.url, timeout=10) as http:
+        room = await TestRoom.create(http)
+    # Small socket buffers at both ends (an accepted socket inherits the listening
+    # one's), so that what the kernel holds does not hide what the relay holds.
+    relay.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    relay.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    sock.connect(("127.0.0.1", relay.port))
+    # Not subscribed: its own messages would come back to it, and a subscriber
+    # that does not read is closed as too slow (another bound, tested elsewhere).
+    client = await WSClient.connect(relay, [room.facilitator], sock=sock, max_queue=1)
+    total = 12_000
+    cids = [os.urandom(16) for _ in range(total)]
+
+    async def flood() -> None:
+        for cid in cids:
+            await client.send_frame(
+                "send", room=room.id, from_=room.facilitator.public.sign, cid=cid, data=b"x"
+            )
+
+    async def taken(http: httpx.AsyncClient) -> int:
+        text = (await http.get("/metrics")).text
+        (line,) = (x for x in text.splitlines() if x.startswith(ROOM_MESSAGES_IN))
+        return int(float(line.split()[-1]))
+
+    sending = asyncio.create_task(flood())
+    (conn,) = relay.app.state.connections
+    most = 0
+    async with httpx.AsyncClient(base_url=relay.admin_url, timeout=10) as admin:
+        for _ in range(15):  # ample to take all 12,000 if it kept reading
+            await asyncio.sleep(0.1)
+            most = max(most, conn.pending)
+        plateau = await taken(admin)
+        await asyncio.sleep(0.5)
+        assert await taken(admin) == plateau, "the relay still reads a client that does not"
+    assert plateau < total // 2
+    # Within half the setting: a send is taken only with room for its answer and
+    # for every answer still owed.
+    assert most <= bound // 2, most
+    # Reading again: every send is answered, none lost, none twice.
+    seqs = [(await client.expect_reply("sent", cid, timeout=30)).get("seq") for cid in cids]
+    await asyncio.wait_for(sending, 10)
+    assert seqs == list(range(1, total + 1))
+    await still_works(client)
+    await client.close()
