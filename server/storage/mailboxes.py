@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -10,6 +11,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from ..errors import RelayError
 from .engine import BaseStore
 from .models import MailboxItem, RoomMember, coarse
+
+_PENDING = (
+    "SELECT id, room_id, sender, data, created_at FROM mailbox WHERE recipient = ? AND id > ? "
+    "ORDER BY id LIMIT ?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +97,25 @@ class MailboxStore(BaseStore):
         return await self.batcher.submit(run)
 
     async def mailbox_pending(self, recipient: bytes, after: int, limit: int) -> list[MailItem]:
+        if self.direct is not None:
+            # Every connection asks this for each of its keys as it authenticates: on
+            # the reader thread in one hop, a small work item while it waits, rather
+            # than an async session (and its greenlet's stack) held per connection
+            # through a storm of reconnections (bench: RSS per idle connection).
+            sqlite = self.is_sqlite
+            args = (recipient, after, limit)
+
+            def read(db: Any) -> list[Any]:
+                if sqlite:
+                    return list(db.execute(_PENDING, args).fetchall())
+                pg = db.connection.driver_connection  # psycopg, rows in binary (see _page_pg)
+                return list(pg.execute(_PENDING.replace("?", "%s"), args, binary=True).fetchall())
+
+            rows = await self.read_direct(read)
+            return [
+                MailItem(i, bytes(room), bytes(sender), recipient, bytes(data), ts)
+                for i, room, sender, data, ts in rows
+            ]
         async with self.reading() as session:
             rows = await session.execute(
                 select(
