@@ -9,7 +9,6 @@ import typer
 
 from .cli import OPTS, app, err, errors, note, passphrase
 from .core import Client
-from .daemon import Daemon
 from .rpc import DaemonClient
 from .rpcwire import socket_path
 from .store import Store
@@ -39,6 +38,8 @@ def daemon(
     with errors():
         store = Store.open(OPTS.home, passphrase())
         client = Client(store, proxy=OPTS.proxy)
+        from .daemon import Daemon  # only this command runs one
+
         server = Daemon(client, socket_path(OPTS.home))
         server.on_ready = lambda: note(f"daemon ready: {server.path}")
 

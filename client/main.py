@@ -19,7 +19,6 @@ from .cli import OPTS, app
 from .cliutil import err, errors, passphrase
 from .core import Client
 from .store import Store
-from .tui import run_chat
 
 
 @app.command()
@@ -36,6 +35,9 @@ def chat(
             hint="use `backchannel read ROOM --follow` to watch and `backchannel send ROOM` "
             "to write",
         )
+    # Imported here: the screen (Textual) is a seventh of every other command's start-up.
+    from .tui import run_chat
+
     with errors():
         store = Store.open(OPTS.home, passphrase())
         try:
