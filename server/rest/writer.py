@@ -128,7 +128,9 @@ class Writer:
         outbox is full (in items or bytes): a client that does not read its
         answers slows only itself, and stops being read (``offer`` is for what
         other connections cause)."""
-        await self.room_for_reply()
+        # Not counting the replies owed: this may be one of them (a pairwise send's
+        # task), and waiting for itself would never end.
+        await self.room_for_reply(owed=False)
         if self.closing:
             return
         if isinstance(item, Frame) and self.write_now(item.data):
@@ -139,10 +141,10 @@ class Writer:
         """Bytes of replies owed to requests in flight (see ``room_for_reply``)."""
         return 0
 
-    async def room_for_reply(self) -> None:
-        """Wait until the outbox has room beyond the replies still owed (or until
-        the connection is closing)."""
-        while not self.closing and not self._has_room(self.promised()):
+    async def room_for_reply(self, owed: bool = True) -> None:
+        """Wait until the outbox has room, beyond the replies still owed if ``owed``
+        (or until the connection is closing)."""
+        while not self.closing and not self._has_room(self.promised() if owed else 0):
             if self.space is None:
                 self.space = asyncio.Event()
             self.space.clear()
