@@ -16,7 +16,7 @@ from backchannel.server.cli import uvicorn_config
 from backchannel.server.config import Settings
 
 from .conftest import RelayFactory
-from .helpers import RelayServer, TestRoom, WSClient
+from .helpers import TestRoom, WSClient
 
 COUNT = 1200
 SIZE = 4096
@@ -95,11 +95,13 @@ async def test_every_write_path_keeps_order_and_bytes(relay_factory: RelayFactor
 
 
 async def test_an_idle_connection_keeps_no_writer_no_outbox_and_no_handshake(
-    relay: RelayServer,
+    relay_factory: RelayFactory,
 ) -> None:
     """What an idle connection holds (bench: RSS per idle connection): its reader
     task and little else. Writers and outboxes exist while something waits to be
     written, and the handshake's request and headers are let go once answered."""
+    # 41 sends in well under a second: over the default burst of 40.
+    relay = relay_factory(rate_burst=100, key_burst=100)
     async with httpx.AsyncClient(base_url=relay.url, timeout=10) as http:
         room = await TestRoom.create(http)
         member = await room.add_member()
@@ -131,7 +133,7 @@ async def test_an_idle_connection_keeps_no_writer_no_outbox_and_no_handshake(
         assert not hasattr(conn, "__dict__"), "Connection lost its __slots__"
 
     # Still a working connection: what comes next is delivered, in order.
-    await sender.send_msg(room.id, room.facilitator, b"after")
+    assert (await sender.send_msg(room.id, room.facilitator, b"after"))["t"] == "sent"
     msg = await reader.expect("msg", room=room.id)
     assert msg["seq"] == 41
     for client in (reader, sender):
